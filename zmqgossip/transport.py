@@ -1,0 +1,455 @@
+"""One ZeroMQ endpoint per peer: serve my snapshot, pull a neighbour's.
+
+Every peer binds one ROUTER *inbox*.  A pull request that arrives there is answered from
+the last published :class:`~zmqgossip.wire.ModelPayload` (cached frames, no re-encoding)
+whatever else the peer is doing.  Pulls go out through DEALER sockets, one per remote peer,
+kept in a small LRU pool so the number of sockets per peer stays bounded however many
+peers exist.  Every await has a timeout; a pull to a dead, slow or unknown peer returns a
+failed :class:`PullResult` and leaves the pool usable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+import tempfile
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import zmq
+import zmq.asyncio
+
+from . import wire
+from .wire import Kind, Limits, ModelPayload, Schema, WireError
+
+IPC_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
+
+
+class TransportError(RuntimeError):
+    """A transport cannot be set up (bad endpoint, limits too low, ...)."""
+
+
+class LinkModel(Protocol):
+    """What the transport asks of a link emulator (see :mod:`zmqgossip.links`)."""
+
+    async def transit(self, src: int, dst: int, nbytes: int) -> bool:
+        """Wait as long as the link src->dst takes for ``nbytes``; False if dropped."""
+        ...
+
+
+@dataclass
+class Counters:
+    """Traffic and outcome counters of one peer's transport."""
+
+    msgs_in: int = 0
+    msgs_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    pulls_ok: int = 0
+    pulls_failed: int = 0
+    served: int = 0
+    #: why pulls I made failed: "timeout", "unknown_peer", "refused:<reason>", a WireError reason
+    pull_failures: Counter = field(default_factory=Counter)
+    #: why requests that reached my inbox got no model: WireError reasons, "not_ready", "dropped_hwm"
+    refusals: Counter = field(default_factory=Counter)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in self.__dict__.items() if not isinstance(v, Counter)}
+        d["pull_failures"] = dict(self.pull_failures)
+        d["refusals"] = dict(self.refusals)
+        return d
+
+
+@dataclass
+class PullResult:
+    """The outcome of one pull: a decoded model, or why there is none."""
+
+    peer: int
+    ok: bool
+    message: wire.Message | None = None
+    reason: str | None = None
+    detail: str | None = None
+    latency_s: float = 0.0
+    nbytes: int = 0
+
+
+@dataclass(frozen=True)
+class TransportConfig:
+    """Socket options and bounds; defaults suit a few thousand peers on one machine."""
+
+    pool_size: int = 8  # outgoing DEALERs kept per peer (LRU)
+    timeout_s: float = 10.0  # default per-pull timeout
+    hwm: int = 16  # messages queued per socket before refusing: models are big
+    limits: Limits = wire.DEFAULT_LIMITS
+    check_sender: bool = True
+
+
+def routing_id(peer_id: int) -> bytes:
+    return b"p%d" % peer_id
+
+
+class Transport:
+    """The network side of one peer. Use within one asyncio event loop."""
+
+    def __init__(
+        self,
+        ctx: zmq.asyncio.Context,
+        peer_id: int,
+        directory: Mapping[int, str],
+        *,
+        config: TransportConfig = TransportConfig(),
+        expect: Schema | None = None,
+        links: LinkModel | None = None,
+        bind: str | None = None,
+    ) -> None:
+        self.ctx = ctx
+        self.id = peer_id
+        self.directory = directory
+        self.config = config
+        self.expect = expect
+        self.links = links
+        self.endpoint = directory[peer_id] if bind is None else bind
+        self.counters = Counters()
+        self._payload: ModelPayload | None = None
+        self._inbox: zmq.asyncio.Socket | None = None
+        self._serve_task: asyncio.Task | None = None
+        self._pool: OrderedDict[int, _Dealer] = OrderedDict()
+        self._request_ids = iter(range(1, 2**62))
+        self._closed = False
+        self._replies: set[asyncio.Task] = set()
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        """Bind the inbox and start serving."""
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable replies raise, never vanish
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting puller takes over its id
+        sock.setsockopt(zmq.SNDHWM, self.config.hwm)
+        sock.setsockopt(zmq.RCVHWM, self.config.hwm)
+        sock.setsockopt(zmq.MAXMSGSIZE, 64 * 1024)  # inbound are requests: small
+        try:
+            sock.bind(self.endpoint)
+        except zmq.ZMQError as e:
+            sock.close(0)
+            raise TransportError(f"peer {self.id} cannot bind {self.endpoint}: {e}") from None
+        if self.endpoint.startswith("tcp://") and self.endpoint.endswith(":0"):
+            self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._inbox = sock
+        self._serve_task = asyncio.create_task(self._serve(), name=f"serve-{self.id}")
+
+    async def close(self) -> None:
+        """Stop serving and close every socket (LINGER 0: nothing waits)."""
+        if self._closed:
+            return
+        self._closed = True
+        tasks = [t for t in (self._serve_task, *self._replies) if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for d in self._pool.values():
+            d.sock.close(0)
+        self._pool.clear()
+        if self._inbox is not None:
+            self._inbox.close(0)
+
+    # ------------------------------------------------------------------ serving
+    def publish(self, payload: ModelPayload) -> None:
+        """Make ``payload`` the snapshot every later request is answered with."""
+        self._payload = payload
+
+    @property
+    def published(self) -> ModelPayload | None:
+        return self._payload
+
+    async def _serve(self) -> None:
+        sock = self._inbox
+        assert sock is not None
+        while True:
+            try:
+                frames = await sock.recv_multipart(copy=False)
+            except asyncio.CancelledError:
+                raise
+            except zmq.ZMQError:
+                if self._closed:
+                    return
+                continue
+            if len(frames) < 2:
+                self.counters.refusals["frames"] += 1
+                continue
+            rid, body = frames[0].bytes, frames[1:]
+            self.counters.msgs_in += 1
+            self.counters.bytes_in += sum(len(f) for f in body)
+            try:
+                req = wire.decode(body, kinds=(Kind.PULL_REQUEST, Kind.PING))
+            except WireError as e:
+                self.counters.refusals[e.reason] += 1
+                self._send(rid, wire.encode_error(self.id, 0, e.reason, e.detail))
+                continue
+            if req.kind is Kind.PING:
+                self._send(rid, wire.encode_request(self.id, req.request_id, Kind.PONG))
+                continue
+            payload = self._payload
+            if payload is None:
+                self.counters.refusals["not_ready"] += 1
+                self._send(rid, wire.encode_error(self.id, req.request_id, "not_ready", "no model published yet"))
+                continue
+            frames_out = payload.reply(self.id, req.request_id)
+            if self.links is None:
+                self._send(rid, frames_out, served=True)
+            else:
+                # Each reply waits out its own link delay: no head-of-line blocking.
+                t = asyncio.create_task(self._send_later(rid, req.sender, frames_out, payload.nbytes))
+                self._replies.add(t)
+                t.add_done_callback(self._replies.discard)
+
+    async def _send_later(self, rid: bytes, dst: int, frames: list, nbytes: int) -> None:
+        assert self.links is not None
+        if await self.links.transit(self.id, dst, nbytes):
+            self._send(rid, frames, served=True)
+        else:
+            self.counters.refusals["link_drop"] += 1
+
+    def _send(self, rid: bytes, frames: list, served: bool = False) -> None:
+        """Send without ever blocking the serve loop: a full queue drops the reply."""
+        assert self._inbox is not None
+        try:
+            self._inbox.send_multipart([rid, *frames], flags=zmq.DONTWAIT, copy=False)
+        except zmq.Again:
+            self.counters.refusals["dropped_hwm"] += 1
+            return
+        except zmq.ZMQError:  # EHOSTUNREACH: the puller is gone
+            self.counters.refusals["unreachable"] += 1
+            return
+        self.counters.msgs_out += 1
+        self.counters.bytes_out += sum(memoryview(f).nbytes for f in frames)
+        if served:
+            self.counters.served += 1
+
+    # ------------------------------------------------------------------ pulling
+    async def pull(
+        self, peer: int, timeout: float | None = None, expect: Schema | None = None, kind: Kind = Kind.PULL_REQUEST
+    ) -> PullResult:
+        """Pull ``peer``'s current model. Never raises for network trouble; never hangs."""
+        timeout = self.config.timeout_s if timeout is None else timeout
+        t0 = time.perf_counter()
+        endpoint = self.directory.get(peer)
+        if endpoint is None or peer == self.id:
+            return self._failed(peer, "unknown_peer", f"peer {peer} is not in the directory", t0)
+        dealer = self._dealer(peer, endpoint)
+
+        async def locked() -> PullResult:
+            async with dealer.lock:
+                return await self._exchange(dealer, peer, expect if expect is not None else self.expect, kind)
+
+        try:
+            res = await asyncio.wait_for(locked(), timeout)
+        except asyncio.TimeoutError:
+            # The socket may hold a late reply or a queued request: drop it, a fresh one
+            # replaces it on the next pull.
+            self._evict(peer)
+            return self._failed(peer, "timeout", f"no reply from peer {peer} within {timeout:.3g}s", t0)
+        res.latency_s = time.perf_counter() - t0
+        if res.ok:
+            self.counters.pulls_ok += 1
+        else:
+            self.counters.pulls_failed += 1
+            self.counters.pull_failures[res.reason or "unknown"] += 1
+        return res
+
+    async def pull_many(self, peers: Iterable[int], timeout: float | None = None) -> list[PullResult]:
+        """Pull several peers concurrently; results in the order of ``peers``."""
+        return list(await asyncio.gather(*(self.pull(p, timeout) for p in peers)))
+
+    async def ping(self, peer: int, timeout: float = 1.0) -> bool:
+        """True when ``peer`` answers a ping within ``timeout``."""
+        r = await self.pull(peer, timeout, kind=Kind.PING)
+        return r.ok
+
+    async def _exchange(self, dealer: "_Dealer", peer: int, expect: Schema | None, kind: Kind) -> PullResult:
+        request_id = next(self._request_ids)
+        frames = wire.encode_request(self.id, request_id, kind)
+        if self.links is not None and not await self.links.transit(self.id, peer, len(frames[0])):
+            await asyncio.sleep(float("inf"))  # a lost request: only the timeout ends it
+        await dealer.sock.send_multipart(frames)
+        self.counters.msgs_out += 1
+        self.counters.bytes_out += len(frames[0])
+        while True:
+            reply = await dealer.sock.recv_multipart(copy=False)
+            nbytes = sum(len(f) for f in reply)
+            self.counters.msgs_in += 1
+            self.counters.bytes_in += nbytes
+            want = (Kind.PONG, Kind.ERROR_REPLY) if kind is Kind.PING else (Kind.MODEL_REPLY, Kind.ERROR_REPLY)
+            try:
+                msg = wire.decode(reply, expect=expect, limits=self.config.limits, kinds=want)
+            except WireError as e:
+                return PullResult(peer, False, reason=e.reason, detail=e.detail, nbytes=nbytes)
+            if msg.request_id != request_id and not (msg.kind is Kind.ERROR_REPLY and msg.request_id == 0):
+                continue  # a late answer to an earlier request on this socket
+            if self.config.check_sender and msg.sender != peer:
+                return PullResult(
+                    peer, False, reason="sender", detail=f"asked peer {peer}, reply says {msg.sender}", nbytes=nbytes
+                )
+            if msg.kind is Kind.ERROR_REPLY:
+                return PullResult(peer, False, reason=f"refused:{msg.reason}", detail=msg.detail, nbytes=nbytes)
+            return PullResult(peer, True, message=msg, nbytes=nbytes)
+
+    def _failed(self, peer: int, reason: str, detail: str, t0: float) -> PullResult:
+        self.counters.pulls_failed += 1
+        self.counters.pull_failures[reason] += 1
+        return PullResult(peer, False, reason=reason, detail=detail, latency_s=time.perf_counter() - t0)
+
+    def _dealer(self, peer: int, endpoint: str) -> "_Dealer":
+        d = self._pool.get(peer)
+        if d is not None:
+            self._pool.move_to_end(peer)
+            return d
+        while len(self._pool) >= self.config.pool_size:
+            # Evict the least recently used idle socket; a busy one stays.
+            victim = next((k for k, v in self._pool.items() if not v.lock.locked()), None)
+            if victim is None:
+                break
+            self._evict(victim)
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue a request for a peer not connected
+        sock.setsockopt(zmq.ROUTING_ID, routing_id(self.id))
+        sock.setsockopt(zmq.SNDHWM, self.config.hwm)
+        sock.setsockopt(zmq.RCVHWM, self.config.hwm)
+        # A reply bigger than the limit is cut off by ZeroMQ itself before we see it.
+        sock.setsockopt(zmq.MAXMSGSIZE, min(self.config.limits.max_bytes + self.config.limits.max_header_bytes + 4096, 2**62))
+        sock.connect(endpoint)
+        d = _Dealer(sock)
+        self._pool[peer] = d
+        return d
+
+    def _evict(self, peer: int) -> None:
+        d = self._pool.pop(peer, None)
+        if d is not None:
+            d.sock.close(0)
+
+    @property
+    def sockets_open(self) -> int:
+        return len(self._pool) + (self._inbox is not None and not self._closed)
+
+
+@dataclass
+class _Dealer:
+    sock: zmq.asyncio.Socket
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+# ---------------------------------------------------------------------- endpoints
+
+
+def ipc_dir(prefix: str = "zg") -> str:
+    """A fresh short directory for ipc sockets.
+
+    ipc paths must fit in 107 bytes, and a long TMPDIR (macOS, CI runners) breaks that,
+    so fall back to /tmp when the default temp dir is too long.
+    """
+    base = tempfile.gettempdir()
+    if len(base) > 40 and os.path.isdir("/tmp"):
+        base = "/tmp"
+    return tempfile.mkdtemp(prefix=prefix, dir=base)
+
+
+def make_directory(kind: str, peers: Iterable[int], *, base: str | None = None, host: str = "127.0.0.1",
+                   port0: int = 0) -> dict[int, str]:
+    """Endpoints for peers on one machine: ``inproc``, ``ipc`` (under ``base``) or ``tcp``.
+
+    For tcp, ``port0`` > 0 assigns consecutive ports; ``port0`` = 0 asks for free ports.
+    """
+    peers = list(peers)
+    if kind == "inproc":
+        tag = base or f"{os.getpid()}-{id(peers):x}"
+        return {p: f"inproc://zg-{tag}-{p}" for p in peers}
+    if kind == "ipc":
+        base = base or ipc_dir()
+        out = {p: f"ipc://{base}/{p}" for p in peers}
+        longest = max((len(e) - len("ipc://") for e in out.values()), default=0)
+        if longest > IPC_PATH_MAX:
+            raise TransportError(f"ipc path of {longest} bytes exceeds {IPC_PATH_MAX}: use a shorter base directory than {base!r}")
+        return out
+    if kind == "tcp":
+        ports = [port0 + i for i in range(len(peers))] if port0 else free_tcp_ports(len(peers), host)
+        return {p: f"tcp://{host}:{port}" for p, port in zip(peers, ports)}
+    raise TransportError(f"unknown transport {kind!r}: use inproc, ipc or tcp")
+
+
+def free_tcp_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """Ask the OS for ``n`` distinct free ports (held open together, then released)."""
+    import socket
+
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind((host, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+# ---------------------------------------------------------------------- preflight
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What N peers in this process are expected to use."""
+
+    peers: int
+    sockets: int
+    fds: int
+
+
+def socket_budget(peers: int, pool_size: int, transport: str) -> Budget:
+    """Sockets and file descriptors for ``peers`` peers hosted by one process.
+
+    Each ZeroMQ socket holds one descriptor (its mailbox); each ipc/tcp connection holds
+    one at each end, and both ends live here when the peers share the process.
+    """
+    sockets = peers * (1 + pool_size)
+    conns = 0 if transport == "inproc" else peers * pool_size * 2
+    return Budget(peers, sockets, sockets + conns + 64)
+
+
+def preflight(ctx: zmq.Context, peers: int, pool_size: int, transport: str) -> Budget:
+    """Raise the socket and descriptor limits as far as allowed, or fail with what to do.
+
+    Call before the context creates its first socket (ZeroMQ fixes MAX_SOCKETS then).
+    """
+    need = socket_budget(peers, pool_size, transport)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if need.fds > soft:
+        target = need.fds if hard == resource.RLIM_INFINITY else min(need.fds, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if need.fds > soft:
+        raise TransportError(
+            f"{peers} peers with pool_size={pool_size} over {transport} need about {need.fds} file "
+            f"descriptors, but this process may open only {soft} (hard limit {hard}). Raise it "
+            f"(e.g. `ulimit -n {need.fds}` as root, or LimitNOFILE for a service), spread the "
+            f"peers over more processes, or lower pool_size."
+        )
+    try:
+        if ctx.get(zmq.MAX_SOCKETS) < need.sockets + 16:
+            ctx.set(zmq.MAX_SOCKETS, need.sockets + 16)
+    except zmq.ZMQError as e:
+        raise TransportError(f"cannot raise ZeroMQ MAX_SOCKETS to {need.sockets + 16}: {e}") from None
+    limit = ctx.get(zmq.SOCKET_LIMIT)
+    if need.sockets + 16 > limit:
+        raise TransportError(
+            f"{peers} peers need {need.sockets} ZeroMQ sockets; this libzmq allows {limit} per context. "
+            f"Spread the peers over more processes or lower pool_size."
+        )
+    return need
