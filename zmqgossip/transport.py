@@ -11,6 +11,7 @@ failed :class:`PullResult` and leaves the pool usable.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import resource
 import tempfile
@@ -52,7 +53,7 @@ class Counters:
     pulls_ok: int = 0
     pulls_failed: int = 0
     served: int = 0
-    #: why pulls I made failed: "timeout", "unknown_peer", "refused:<reason>", a WireError reason
+    #: why pulls I made failed: "timeout", "unknown_peer", "socket", "refused:<reason>", a WireError reason
     pull_failures: Counter = field(default_factory=Counter)
     #: why requests that reached my inbox got no model: WireError reasons, "not_ready", "dropped_hwm"
     refusals: Counter = field(default_factory=Counter)
@@ -121,6 +122,11 @@ class Transport:
         self._request_ids = iter(range(1, 2**62))
         self._closed = False
         self._replies: set[asyncio.Task] = set()
+        #: what a PING is answered with (the peer sets e.g. ready / done / step)
+        self.status: dict[str, Any] = {}
+        # Over inproc a zero-copy reply hands the puller a view of my cached snapshot: a
+        # puller that changed its tensors in place would change what I serve. Copy there.
+        self._copy_out = False
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -139,6 +145,7 @@ class Transport:
             raise TransportError(f"peer {self.id} cannot bind {self.endpoint}: {e}") from None
         if self.endpoint.startswith("tcp://") and self.endpoint.endswith(":0"):
             self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._copy_out = self.endpoint.startswith("inproc://")
         self._inbox = sock
         self._serve_task = asyncio.create_task(self._serve(), name=f"serve-{self.id}")
 
@@ -191,7 +198,7 @@ class Transport:
                 self._send(rid, wire.encode_error(self.id, 0, e.reason, e.detail))
                 continue
             if req.kind is Kind.PING:
-                self._send(rid, wire.encode_request(self.id, req.request_id, Kind.PONG))
+                self._send(rid, wire.encode_request(self.id, req.request_id, Kind.PONG, self.status))
                 continue
             payload = self._payload
             if payload is None:
@@ -218,7 +225,7 @@ class Transport:
         """Send without ever blocking the serve loop: a full queue drops the reply."""
         assert self._inbox is not None
         try:
-            self._inbox.send_multipart([rid, *frames], flags=zmq.DONTWAIT, copy=False)
+            self._inbox.send_multipart([rid, *frames], flags=zmq.DONTWAIT, copy=self._copy_out)
         except zmq.Again:
             self.counters.refusals["dropped_hwm"] += 1
             return
@@ -241,6 +248,9 @@ class Transport:
         if endpoint is None or peer == self.id:
             return self._failed(peer, "unknown_peer", f"peer {peer} is not in the directory", t0)
         dealer = self._dealer(peer, endpoint)
+        # Held from now on, not from when the lock is taken: wait_for may start the task
+        # later, and the LRU must not close this socket in between.
+        dealer.users += 1
 
         async def locked() -> PullResult:
             async with dealer.lock:
@@ -251,8 +261,15 @@ class Transport:
         except asyncio.TimeoutError:
             # The socket may hold a late reply or a queued request: drop it, a fresh one
             # replaces it on the next pull.
-            self._evict(peer)
+            self._evict(peer, dealer)
             return self._failed(peer, "timeout", f"no reply from peer {peer} within {timeout:.3g}s", t0)
+        except zmq.ZMQError as e:  # e.g. the transport was closed under this pull
+            self._evict(peer, dealer)
+            return self._failed(peer, "socket", f"socket error pulling peer {peer}: {e}", t0)
+        finally:
+            dealer.users -= 1
+            if dealer.evicted and dealer.users == 0:
+                dealer.sock.close(0)
         res.latency_s = time.perf_counter() - t0
         if res.ok:
             self.counters.pulls_ok += 1
@@ -265,10 +282,10 @@ class Transport:
         """Pull several peers concurrently; results in the order of ``peers``."""
         return list(await asyncio.gather(*(self.pull(p, timeout) for p in peers)))
 
-    async def ping(self, peer: int, timeout: float = 1.0) -> bool:
-        """True when ``peer`` answers a ping within ``timeout``."""
+    async def ping(self, peer: int, timeout: float = 1.0) -> dict[str, Any] | None:
+        """``peer``'s status map if it answers within ``timeout``, else None."""
         r = await self.pull(peer, timeout, kind=Kind.PING)
-        return r.ok
+        return r.message.meta if r.ok and r.message is not None else None
 
     async def _exchange(self, dealer: "_Dealer", peer: int, expect: Schema | None, kind: Kind) -> PullResult:
         request_id = next(self._request_ids)
@@ -310,7 +327,7 @@ class Transport:
             return d
         while len(self._pool) >= self.config.pool_size:
             # Evict the least recently used idle socket; a busy one stays.
-            victim = next((k for k, v in self._pool.items() if not v.lock.locked()), None)
+            victim = next((k for k, v in self._pool.items() if v.users == 0), None)
             if victim is None:
                 break
             self._evict(victim)
@@ -327,9 +344,15 @@ class Transport:
         self._pool[peer] = d
         return d
 
-    def _evict(self, peer: int) -> None:
-        d = self._pool.pop(peer, None)
-        if d is not None:
+    def _evict(self, peer: int, dealer: "_Dealer | None" = None) -> None:
+        """Drop a socket from the pool; it is closed once no pull uses it any more."""
+        d = dealer if dealer is not None else self._pool.get(peer)
+        if d is None:
+            return
+        if self._pool.get(peer) is d:
+            del self._pool[peer]
+        d.evicted = True
+        if d.users == 0:
             d.sock.close(0)
 
     @property
@@ -341,6 +364,8 @@ class Transport:
 class _Dealer:
     sock: zmq.asyncio.Socket
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0  # pulls holding or waiting for this socket
+    evicted: bool = False  # out of the pool; closed when users drops to 0
 
 
 # ---------------------------------------------------------------------- endpoints
@@ -358,6 +383,9 @@ def ipc_dir(prefix: str = "zg") -> str:
     return tempfile.mkdtemp(prefix=prefix, dir=base)
 
 
+_INPROC_SEQ = itertools.count()  # inproc names must differ between directories of one process
+
+
 def make_directory(kind: str, peers: Iterable[int], *, base: str | None = None, host: str = "127.0.0.1",
                    port0: int = 0) -> dict[int, str]:
     """Endpoints for peers on one machine: ``inproc``, ``ipc`` (under ``base``) or ``tcp``.
@@ -366,7 +394,7 @@ def make_directory(kind: str, peers: Iterable[int], *, base: str | None = None, 
     """
     peers = list(peers)
     if kind == "inproc":
-        tag = base or f"{os.getpid()}-{id(peers):x}"
+        tag = base or f"{os.getpid()}-{next(_INPROC_SEQ)}"
         return {p: f"inproc://zg-{tag}-{p}" for p in peers}
     if kind == "ipc":
         base = base or ipc_dir()

@@ -231,9 +231,12 @@ def encode_model(
     return payload.reply(sender, request_id)
 
 
-def encode_request(sender: int, request_id: int, kind: Kind = Kind.PULL_REQUEST) -> list[Frame]:
-    """A pull request (or ping): the head alone."""
-    return [_head(kind, sender, request_id)]
+def encode_request(
+    sender: int, request_id: int, kind: Kind = Kind.PULL_REQUEST, body: Mapping[str, Any] | None = None
+) -> list[Frame]:
+    """A pull request, ping or pong: the head, and a small body map if given."""
+    head = _head(kind, sender, request_id)
+    return [head] if body is None else [head, _pack(dict(body))]
 
 
 def encode_error(sender: int, request_id: int, reason: str, detail: str) -> list[Frame]:
@@ -304,9 +307,11 @@ def _decode(
     if not isinstance(head, list) or len(head) != 4:
         raise WireError("garbage", "head must be [version, kind, sender, request_id]")
     version, kind_no, sender, request_id = head
-    if version != SCHEMA_VERSION:
+    if type(version) is not int or version != SCHEMA_VERSION:  # True == 1.0 == 1 in Python
         raise WireError("version", f"schema version {version!r:.20}, this peer speaks {SCHEMA_VERSION}")
     try:
+        if type(kind_no) is not int:
+            raise TypeError
         kind = Kind(kind_no)
     except (ValueError, TypeError):
         raise WireError("kind", f"unknown message kind {kind_no!r:.20}") from None
@@ -398,7 +403,7 @@ def _table_entry(e: Any, limits: Limits) -> tuple[str, str, tuple[int, ...], int
     name, wd, shape, nb = e
     if not isinstance(name, str) or not 0 < len(name) <= 256:
         raise WireError("field", "tensor name must be a non-empty string of at most 256 chars")
-    if wd not in DTYPES:
+    if not isinstance(wd, str) or wd not in DTYPES:
         raise WireError("dtype", f"tensor {name!r}: dtype {wd!r:.20} not in {sorted(DTYPES)}")
     if not isinstance(shape, list) or len(shape) > limits.max_ndim:
         raise WireError("shape", f"tensor {name!r}: shape must be a list of at most {limits.max_ndim} dims")

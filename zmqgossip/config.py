@@ -1,0 +1,221 @@
+"""Experiment configuration: pydantic models, validated on load with clear errors.
+
+An experiment is a TOML file (or a preset name, see ``launch/`` and
+``zmqgossip/presets``).  Every key is documented in the field descriptions below and
+unknown keys are refused, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .policies import METHODS
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+Method = Literal["local", "random", "oracle", "pens", "dac", "dac-var"]
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the field and what is allowed."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    dataset: Literal["digits", "mnist-bundled", "mnist", "fashion-mnist", "cifar10"] = Field(
+        "digits", description="digits / mnist-bundled ship with the package; mnist, fashion-mnist, cifar10 load from `root`")
+    root: str | None = Field(None, description="local folder holding mnist / fashion-mnist / cifar10 files")
+    shift: Literal["label", "label-random", "label-permutation", "rotation"] = Field(
+        "label", description="how clients fall into clusters")
+    groups: list[list[int]] = Field(
+        [[0, 1, 8, 9], [2, 3, 4, 5, 6, 7]], description="label shift: the classes of each cluster")
+    fractions: list[float] | None = Field(
+        None, description="share of clients per cluster (default: 0.4/0.6 for label, 0.7/0.2/0.05/0.05 for rotation, equal otherwise)")
+    angles: list[float] = Field([0, 180, 10, 350], description="rotation: degrees per cluster")
+    clusters: int = Field(2, ge=1, description="label-random / label-permutation: number of clusters")
+    classes_per_cluster: int = Field(4, ge=1, description="label-random: classes per cluster")
+    allow_overlap: bool = Field(False, description="rotation: clusters may draw the same images")
+    n_train: int = Field(400, ge=1, description="training samples per client")
+    n_val: int = Field(100, ge=1, description="validation samples per client")
+    test_per_class: int | None = Field(None, ge=1, description="held-out test images per class (bundled data)")
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions(cls, v: list[float] | None) -> list[float] | None:
+        if v is None:
+            return v
+        if any(not math.isfinite(f) or f < 0 for f in v):
+            raise ValueError("fractions must be finite and >= 0")
+        if abs(sum(v) - 1.0) > 1e-6:
+            raise ValueError(f"fractions must sum to 1, they sum to {sum(v):g}")
+        return v
+
+
+class TrainConfig(_Strict):
+    model: str = Field("auto", description="cnn32, cnn28, mlp, or auto (by input shape)")
+    epochs: int = Field(3, ge=1, description="local epochs per round (E)")
+    batch_size: int = Field(8, ge=1, description="local batch size")
+    lr: float = Field(3e-4, gt=0, description="Adam learning rate (a fresh Adam each round)")
+    warmup: bool = Field(True, description="one local training before round 0, as the paper")
+    test_every: int = Field(5, ge=0, description="evaluate test accuracy every k rounds (0: only at the end)")
+    same_init: bool = Field(False, description="all peers start from one initial model")
+
+
+class PolicyConfig(_Strict):
+    n: int = Field(5, ge=1, description="peers pulled per round")
+    tau: float = Field(30.0, gt=0, description="DAC softmax temperature")
+    similarity_weighted: bool = Field(False, description="DAC: weight pulled models by p_ij instead of data size")
+    pens_sampled: int | None = Field(None, ge=1, description="PENS: peers sampled per round in phase 1 (default 2n)")
+    pens_phase1_rounds: int = Field(10, ge=0, description="PENS: rounds of phase 1")
+
+
+class NetworkConfig(_Strict):
+    transport: Literal["inproc", "ipc", "tcp"] = Field("inproc", description="inproc needs one process")
+    timeout_s: float = Field(10.0, gt=0, description="per-pull timeout")
+    pool_size: int = Field(8, ge=1, description="outgoing sockets kept per peer (LRU)")
+    hwm: int = Field(16, ge=1, description="messages queued per socket")
+    max_abs: float | None = Field(1e4, gt=0, description="refuse pulled models with a |value| above this")
+
+
+class ComputeConfig(_Strict):
+    threads: int = Field(1, ge=1, description="torch threads per process")
+    processes: int = Field(1, ge=1, description="worker processes hosting the peers")
+    slow_peers: list[int] = Field([], description="peer ids that compute slower")
+    slow_factor: float = Field(5.0, ge=1.0, description="how much slower the slow peers are")
+
+
+class ExperimentConfig(_Strict):
+    name: str = Field("experiment", description="shown in summaries and reports")
+    description: str = Field("", description="one line for `zmqgossip presets`")
+    method: Method = Field("dac-var", description=f"one of {', '.join(METHODS)}")
+    schedule: Literal["async", "sequential"] = Field("async", description="async: no barrier; sequential: the reference code's rounds")
+    peers: int = Field(20, ge=2, description="number of peers (clients)")
+    rounds: int = Field(20, ge=1, description="updates per peer")
+    seconds: float | None = Field(None, gt=0, description="async: stop after this many seconds instead")
+    seed: int = Field(0, ge=0)
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    policy: PolicyConfig = PolicyConfig()
+    network: NetworkConfig = NetworkConfig()
+    compute: ComputeConfig = ComputeConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ExperimentConfig":
+        if self.schedule == "sequential" and self.compute.processes > 1:
+            raise ValueError("schedule 'sequential' runs in one process: set compute.processes = 1")
+        if self.compute.processes > 1 and self.network.transport == "inproc":
+            self.network.transport = "ipc"
+        if self.compute.processes > self.peers:
+            raise ValueError(f"compute.processes ({self.compute.processes}) exceeds peers ({self.peers})")
+        bad = [p for p in self.compute.slow_peers if not 0 <= p < self.peers]
+        if bad:
+            raise ValueError(f"compute.slow_peers names peers {bad} outside 0..{self.peers - 1}")
+        return self
+
+
+def _format_error(e: ValidationError, source: str) -> str:
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "literal_error":
+            msg = f"{msg} (got {err.get('input')!r})"
+        lines.append(f"{source}: {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def validate(raw: Mapping[str, Any], source: str = "config") -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(dict(raw))
+    except ValidationError as e:
+        raise ConfigError(_format_error(e, source)) from None
+
+
+def preset_dirs() -> list[Path]:
+    """Where preset names are looked up: the project's launch/ folder, then ./launch."""
+    dirs = [Path(__file__).resolve().parent.parent / "launch", Path.cwd() / "launch"]
+    return list(dict.fromkeys(d for d in dirs if d.is_dir()))
+
+
+def find_preset(name: str) -> Path | None:
+    for d in preset_dirs():
+        p = d / f"{name}.toml"
+        if p.is_file():
+            return p
+    return None
+
+
+def list_presets() -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for d in reversed(preset_dirs()):
+        for p in sorted(d.glob("*.toml")):
+            out[p.stem] = p
+    return dict(sorted(out.items()))
+
+
+def load_raw(experiment: str) -> tuple[dict[str, Any], str]:
+    """The raw TOML of a preset name or a file path, and where it came from."""
+    path = Path(experiment)
+    if not (path.suffix == ".toml" and path.is_file()):
+        found = find_preset(experiment)
+        if found is None:
+            known = ", ".join(list_presets()) or "none"
+            raise ConfigError(f"unknown experiment {experiment!r}: not a TOML file nor a preset (presets: {known})")
+        path = found
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f), str(path)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (["a", "b"], value), the value read as TOML (strings may be bare)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. policy.tau=10")
+    key, _, text = item.partition("=")
+    keys = [k.strip() for k in key.split(".") if k.strip()]
+    if not keys:
+        raise ConfigError(f"--set {item!r}: empty key")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text  # a bare word: a string
+    return keys, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = out
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {k} is not a table")
+        node[keys[-1]] = value
+    return out
+
+
+def load(experiment: str, overrides: Iterable[str] = (), **fields: Any) -> ExperimentConfig:
+    """Load a preset or TOML file, apply ``--set`` overrides and explicit fields, validate."""
+    raw, source = load_raw(experiment)
+    raw = apply_overrides(raw, overrides)
+    for k, v in fields.items():
+        if v is not None:
+            raw[k] = v
+    return validate(raw, source)

@@ -1,0 +1,261 @@
+"""The run directory: config, per-peer JSONL events, per-peer results, summary.json.
+
+Layout::
+
+    RUN/config.json          resolved config, seed, package versions, git revision
+    RUN/clusters.json        true cluster id per peer, and the clusters' names
+    RUN/events/peer-7.jsonl  one JSON line per update of peer 7, appended and flushed
+    RUN/peers/peer-7.json    peer 7's final result (written atomically at its end)
+    RUN/pulls.json           pull-count matrix (rows: puller, columns: pulled)
+    RUN/summary.json         the figures a user compares
+
+Event lines are written with one ``write`` on a file opened in append mode and closed at
+once: no descriptor is held per peer (a thousand peers stay within limits), a crash
+loses at most the line being written, and a reader skips a torn last line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, default=_json_default, separators=(",", ":"))
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write then rename: a reader sees the old file or the new one, never half."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, default=_json_default, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """All complete lines of a JSONL file; a torn last line (crash) is skipped."""
+    out = []
+    with open(path) as f:
+        for line in f:
+            if not line.endswith("\n"):
+                break
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+def environment() -> dict[str, Any]:
+    """Versions and git revision recorded beside every run."""
+    import msgpack
+    import torch
+    import zmq
+
+    from . import __version__
+
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        rev = None
+    return {
+        "zmqgossip": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "pyzmq": zmq.__version__,
+        "libzmq": zmq.zmq_version(),
+        "msgpack": ".".join(map(str, msgpack.version)),
+        "numpy": np.__version__,
+        "git_revision": rev,
+        "host": platform.node(),
+    }
+
+
+@dataclass
+class RunDir:
+    """Paths of one run directory; creating it makes the folders."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+        self.events_dir.mkdir(parents=True, exist_ok=True)
+        self.peers_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def events_dir(self) -> Path:
+        return self.root / "events"
+
+    @property
+    def peers_dir(self) -> Path:
+        return self.root / "peers"
+
+    def events_path(self, peer: int) -> Path:
+        return self.events_dir / f"peer-{peer}.jsonl"
+
+    def result_path(self, peer: int) -> Path:
+        return self.peers_dir / f"peer-{peer}.json"
+
+    def append_event(self, peer: int, event: Mapping[str, Any]) -> None:
+        line = dumps(event) + "\n"
+        # O_APPEND + one write: lines from concurrent writers never interleave.
+        fd = os.open(self.events_path(peer), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+
+    def events(self, peer: int) -> list[dict]:
+        p = self.events_path(peer)
+        return read_jsonl(p) if p.exists() else []
+
+    def write_result(self, peer: int, result: Mapping[str, Any]) -> None:
+        write_json_atomic(self.result_path(peer), dict(result))
+
+    def results(self) -> dict[int, dict]:
+        out = {}
+        for p in self.peers_dir.glob("peer-*.json"):
+            with open(p) as f:
+                r = json.load(f)
+            out[int(r["peer"])] = r
+        return out
+
+    def write_config(self, config: Mapping[str, Any]) -> None:
+        write_json_atomic(self.root / "config.json", {**config, "environment": environment()})
+
+    def config(self) -> dict:
+        with open(self.root / "config.json") as f:
+            return json.load(f)
+
+    def write_clusters(self, clusters: Sequence[int], names: Sequence[str]) -> None:
+        write_json_atomic(self.root / "clusters.json", {"clusters": list(clusters), "names": list(names)})
+
+    def clusters(self) -> tuple[list[int], list[str]]:
+        with open(self.root / "clusters.json") as f:
+            d = json.load(f)
+        return d["clusters"], d["names"]
+
+    def summary(self) -> dict:
+        with open(self.root / "summary.json") as f:
+            return json.load(f)
+
+
+def pull_matrix(events: Mapping[int, Iterable[Mapping]], peers: int, *, min_step: int = 0) -> np.ndarray:
+    """counts[i, j] = successful pulls of j's model by i (at steps >= min_step)."""
+    m = np.zeros((peers, peers), dtype=np.int64)
+    for i, evs in events.items():
+        for e in evs:
+            if e.get("step", 0) >= min_step:
+                for j in e.get("ok", ()):
+                    m[i, j] += 1
+    return m
+
+
+def within_fraction(m: np.ndarray, clusters: Sequence[int], rows: Iterable[int] | None = None) -> float | None:
+    """Share of pulls that stayed inside the puller's true cluster."""
+    c = np.asarray(clusters)
+    same = c[:, None] == c[None, :]
+    idx = np.arange(len(c)) if rows is None else np.fromiter(rows, dtype=np.int64)
+    total = m[idx].sum()
+    return float((m[idx] * same[idx]).sum() / total) if total else None
+
+
+def _cluster_means(values: Mapping[int, float | None], clusters: Sequence[int]) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for c in sorted(set(clusters)):
+        vals = [values[i] for i in range(len(clusters)) if clusters[i] == c and values.get(i) is not None]
+        out[str(c)] = float(np.mean(vals)) if vals else None
+    return out
+
+
+def _mean(vals: Iterable[float | None]) -> float | None:
+    v = [x for x in vals if x is not None]
+    return float(np.mean(v)) if v else None
+
+
+def summarize(run: RunDir, *, wall_s: float | None = None, extra: Mapping[str, Any] | None = None) -> dict:
+    """Build summary.json (and pulls.json) from what the peers wrote.
+
+    Works on a partial run: peers without a result count as failed, and their events
+    still count for pulls.
+    """
+    cfg = run.config()
+    clusters, names = run.clusters()
+    n = len(clusters)
+    results = run.results()
+    events = {i: run.events(i) for i in range(n)}
+    rounds = int(cfg.get("rounds") or 0)
+    last_steps = max((e["step"] for evs in events.values() for e in evs), default=-1) + 1
+    horizon = rounds or last_steps
+    tail_from = int(np.floor(0.8 * horizon))
+    m_all = pull_matrix(events, n)
+    m_tail = pull_matrix(events, n, min_step=tail_from)
+    write_json_atomic(run.root / "pulls.json", {"counts": m_all.tolist(), "tail_counts": m_tail.tolist(), "tail_from_step": tail_from})
+    best = {i: r.get("test_acc") for i, r in results.items()}
+    final = {i: r.get("final_test_acc") for i, r in results.items()}
+    counters = [r.get("counters", {}) for r in results.values()]
+    failed_peers = sorted(set(range(n)) - {i for i, r in results.items() if r.get("status") == "done"})
+    per_cluster_within = {}
+    for c in sorted(set(clusters)):
+        rows = [i for i in range(n) if clusters[i] == c]
+        per_cluster_within[str(c)] = {"all": within_fraction(m_all, clusters, rows), "last_20pct": within_fraction(m_tail, clusters, rows)}
+    summary = {
+        "name": cfg.get("name"),
+        "method": cfg.get("method"),
+        "schedule": cfg.get("schedule"),
+        "peers": n,
+        "rounds": rounds,
+        "seed": cfg.get("seed"),
+        "clusters": {str(c): {"name": names[c], "peers": clusters.count(c)} for c in sorted(set(clusters))},
+        "test_acc": {"mean": _mean(best.values()), "per_cluster": _cluster_means(best, clusters)},
+        "final_test_acc": {"mean": _mean(final.values()), "per_cluster": _cluster_means(final, clusters)},
+        "within_cluster_pull_fraction": {
+            "all": within_fraction(m_all, clusters),
+            "last_20pct": within_fraction(m_tail, clusters),
+            "per_cluster": per_cluster_within,
+        },
+        "peer_rounds": sum(len(evs) for evs in events.values()),
+        "wall_s": wall_s,
+        "pulls_ok": sum(c.get("pulls_ok", 0) for c in counters),
+        "pulls_failed": sum(c.get("pulls_failed", 0) for c in counters),
+        "bytes_sent": sum(c.get("bytes_out", 0) for c in counters),
+        "bytes_received": sum(c.get("bytes_in", 0) for c in counters),
+        "failed_peers": failed_peers,
+        "staleness": _staleness(events),
+    }
+    if extra:
+        summary.update(extra)
+    write_json_atomic(run.root / "summary.json", summary)
+    return summary
+
+
+def _staleness(events: Mapping[int, Iterable[Mapping]]) -> dict[str, float | None]:
+    ages = [a for evs in events.values() for e in evs for a in e.get("age_s", ()) if a is not None]
+    lags = [a for evs in events.values() for e in evs for a in e.get("lag", ()) if a is not None]
+    q = lambda v, p: float(np.percentile(v, p)) if v else None  # noqa: E731
+    return {"age_s_p50": q(ages, 50), "age_s_p99": q(ages, 99), "lag_p50": q(lags, 50), "lag_p99": q(lags, 99)}

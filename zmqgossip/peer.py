@@ -1,0 +1,278 @@
+"""The peer loop: choose -> pull -> score -> update weights -> aggregate -> train -> publish.
+
+One implementation for every way of running: the asyncio runner, worker processes and
+hosts all drive :class:`Peer` objects; the sequential schedule calls :meth:`Peer.step`
+in the reference code's order, the async schedule lets :meth:`Peer.run` go free.
+
+Compute (scoring, training, evaluation, snapshotting) runs in an executor thread, so the
+event loop keeps answering other peers' pulls while this peer trains; torch releases the
+GIL in its kernels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from . import learning
+from .data import ClientData
+from .metrics import RunDir
+from .policies import Policy, Pulled
+from .transport import PullResult, Transport
+from .wire import ModelPayload
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class PeerSettings:
+    """What a peer needs to know about training and its budget."""
+
+    epochs: int = 3
+    batch_size: int = 8
+    lr: float = 3e-4
+    warmup: bool = True
+    test_every: int = 5
+    pull_timeout_s: float = 10.0
+    speed: float = 1.0  # >1: this peer computes that many times slower
+    rounds: int = 20
+    seconds: float | None = None  # async budget in wall seconds (overrides rounds)
+
+
+@dataclass
+class PeerState:
+    """Everything that changes as the peer runs (checkpointed for resume)."""
+
+    step: int = 0  # completed updates
+    version: int = 0  # published model versions
+    bytes_pulled: int = 0
+    compute_s: float = 0.0
+    status: str = "new"  # new -> running -> done | failed
+    last_val_acc: float | None = None
+    last_test_acc: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Peer:
+    """One learning client: its data, model, policy and network endpoint."""
+
+    def __init__(
+        self,
+        pid: int,
+        data: ClientData,
+        model: nn.Module,
+        scratch: nn.Module,
+        policy: Policy,
+        transport: Transport,
+        settings: PeerSettings,
+        run: RunDir,
+        executor: Executor,
+        *,
+        seed: int,
+        t0: float,
+    ) -> None:
+        self.id = pid
+        self.data = data
+        self.model = model
+        self.scratch = scratch  # scores pulled models without touching ``model``
+        self.policy = policy
+        self.transport = transport
+        self.settings = settings
+        self.run_dir = run
+        self.executor = executor
+        self.t0 = t0
+        self.generator = torch.Generator().manual_seed(seed)
+        self.checkpoint = learning.Checkpoint()
+        self.state = PeerState()
+        self.n_samples = int(data.train_y.shape[0])
+
+    # ------------------------------------------------------------------ compute
+    async def _compute(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` off the event loop; a slow peer then idles (speed - 1) times as long."""
+        loop = asyncio.get_running_loop()
+        t = time.perf_counter()
+        out = await loop.run_in_executor(self.executor, fn)
+        d = time.perf_counter() - t
+        self.state.compute_s += d
+        if self.settings.speed > 1.0:
+            await asyncio.sleep((self.settings.speed - 1.0) * d)
+        return out
+
+    def _train_and_validate(self) -> dict[str, float]:
+        train_loss = learning.train(
+            self.model, self.data.train_x, self.data.train_y,
+            epochs=self.settings.epochs, batch_size=self.settings.batch_size,
+            lr=self.settings.lr, generator=self.generator,
+        )
+        val_loss, val_acc = learning.evaluate(self.model, self.data.val_x, self.data.val_y)
+        self.checkpoint.offer(val_loss, self.model, self.state.step)
+        return {"train_loss": train_loss, "val_loss": val_loss, "val_acc": val_acc}
+
+    def _snapshot(self) -> ModelPayload:
+        return ModelPayload.build(
+            self.model.state_dict(),
+            step=self.state.step,
+            version=self.state.version + 1,
+            n_samples=self.n_samples,
+            scores=self.policy.score_row() if self.policy.publishes_scores else None,
+            meta={"t": time.time()},
+        )
+
+    async def publish(self) -> None:
+        payload = await self._compute(self._snapshot)
+        self.state.version = payload.version
+        self.transport.publish(payload)
+
+    def _score(self, replies: list[PullResult]) -> list[float]:
+        losses = []
+        for r in replies:
+            assert r.message is not None
+            self.scratch.load_state_dict(r.message.tensors)
+            losses.append(learning.mean_loss(self.scratch, self.data.train_x, self.data.train_y))
+        return losses
+
+    def _aggregate_train(self, replies: list[PullResult], weights: list[float]) -> dict[str, float]:
+        if replies:
+            states = [self.model.state_dict()]
+            ws = [weights[0]]
+            for r, w in zip(replies, weights[1:]):
+                if w > 0:  # PENS gives zero weight to models outside its top-n
+                    assert r.message is not None
+                    states.append(r.message.tensors)
+                    ws.append(w)
+            if len(states) > 1:
+                self.model.load_state_dict(learning.weighted_average(states, ws))
+        return self._train_and_validate()
+
+    def _test(self) -> float:
+        return learning.accuracy(self.model, self.data.test_x, self.data.test_y)
+
+    # ------------------------------------------------------------------ the loop
+    async def warmup(self) -> None:
+        """One local training before round 0 (the paper), then publish."""
+        if self.settings.warmup:
+            await self._compute(self._train_and_validate)
+        await self.publish()
+        self.state.status = "running"
+
+    async def step(self) -> dict[str, Any]:
+        """One update of this peer; returns (and logs) its event."""
+        t_start = time.time()
+        step = self.state.step
+        chosen = self.policy.choose()
+        t_pull = time.perf_counter()
+        results = await self.transport.pull_many(chosen, self.settings.pull_timeout_s)
+        pull_s = time.perf_counter() - t_pull
+        replies = [r for r in results if r.ok and r.message is not None]
+        failed = {str(r.peer): r.reason for r in results if not r.ok}
+        ages, lags = _staleness(replies, step)
+        nbytes = sum(r.nbytes for r in replies)
+        scoring = self.policy.scores_models and bool(replies)
+        losses = await self._compute(lambda: self._score(replies)) if scoring else [None] * len(replies)
+        pulled = [
+            # A sender's n_samples is its own claim: cap it so no one peer can swamp the mix.
+            Pulled(r.peer, min(r.message.n_samples, 100 * self.n_samples), loss, r.message.scores)  # type: ignore[union-attr]
+            for r, loss in zip(replies, losses)
+        ]
+        self.policy.update(pulled)
+        weights = self.policy.mix_weights(self.n_samples, pulled)
+        stats = await self._compute(lambda: self._aggregate_train(replies, weights))
+        del replies, results  # release the received frames before publishing
+        self.state.step = step + 1
+        self.state.last_val_acc = stats["val_acc"]
+        test_acc = None
+        if self.settings.test_every and self.state.step % self.settings.test_every == 0:
+            test_acc = self.state.last_test_acc = await self._compute(self._test)
+        await self.publish()
+        self.state.bytes_pulled += nbytes
+        now = time.time()
+        event = {
+            "peer": self.id,
+            "step": step,
+            "t": now - self.t0,
+            "dt": now - t_start,
+            "pull_s": pull_s,
+            "chosen": chosen,
+            "ok": [p.peer for p in pulled],
+            "failed": failed,
+            "loss": [p.loss for p in pulled] if scoring else None,
+            "mix": weights,
+            "age_s": ages,
+            "lag": lags,
+            "bytes": nbytes,
+            **stats,
+            "test_acc": test_acc,
+        }
+        self.run_dir.append_event(self.id, event)
+        self.transport.status["step"] = self.state.step
+        return event
+
+    async def run(
+        self, on_event: Callable[[dict[str, Any]], None] | None = None, stop: asyncio.Event | None = None
+    ) -> None:
+        """The async schedule: update until the budget is spent; no barrier anywhere."""
+        s = self.settings
+        deadline = None if s.seconds is None else self.t0 + s.seconds
+        while not (stop is not None and stop.is_set()):
+            if deadline is None and self.state.step >= s.rounds:
+                break
+            if deadline is not None and time.time() >= deadline:
+                break
+            event = await self.step()
+            if on_event is not None:
+                on_event(event)
+
+    async def finish(self) -> dict[str, Any]:
+        """Final evaluation (best-validation checkpoint and final model); write the result."""
+        final_acc = await self._compute(self._test)
+
+        def best() -> float | None:
+            if self.checkpoint.best_state is None:
+                return None
+            self.scratch.load_state_dict(self.checkpoint.best_state)
+            return learning.accuracy(self.scratch, self.data.test_x, self.data.test_y)
+
+        best_acc = await self._compute(best)
+        self.state.status = "done"
+        result = self.result(test_acc=best_acc, final_test_acc=final_acc)
+        self.run_dir.write_result(self.id, result)
+        return result
+
+    def result(self, **extra: Any) -> dict[str, Any]:
+        sw = self.policy.sampling_weights()
+        return {
+            "peer": self.id,
+            "cluster": self.data.cluster,
+            "method": self.policy.name,
+            "status": self.state.status,
+            "steps": self.state.step,
+            "best_step": self.checkpoint.best_step,
+            "best_val_loss": self.checkpoint.best_loss,
+            "compute_s": self.state.compute_s,
+            "speed": self.settings.speed,
+            "counters": self.transport.counters.as_dict(),
+            "sampling_weights": {str(k): v for k, v in sw.items()} if sw else None,
+            **extra,
+        }
+
+
+def _staleness(replies: list[PullResult], my_step: int) -> tuple[list[float | None], list[int]]:
+    """Age of each pulled snapshot (seconds since its sender published it) and its lag
+    in steps (my step minus the sender's: positive when the sender is behind me)."""
+    now = time.time()
+    ages: list[float | None] = []
+    lags: list[int] = []
+    for r in replies:
+        assert r.message is not None
+        t = r.message.meta.get("t")  # untrusted: check before use
+        ages.append(now - t if isinstance(t, float) and math.isfinite(t) else None)
+        lags.append(my_step - r.message.step)
+    return ages, lags

@@ -1,0 +1,275 @@
+"""Host peers: as asyncio tasks in one process, or a share of them per worker process.
+
+:func:`host_peers` is the one place peers are built and driven; the in-process run, each
+worker process and each host of a roster call it with the ids they own and the directory
+of every peer's endpoint.  Everything a peer needs is derived from the config and the
+seed, so every worker builds the same partition without anything being shipped to it.
+
+Start and end need no server either: a peer's transport answers pings with its status
+(``ready`` after warm-up, ``done`` at the end), and each host waits until every other
+peer is ready before round 0, and until every other peer is done (or unreachable)
+before it closes its sockets, so no peer pulls from one that has already left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zmq
+import zmq.asyncio
+
+from . import models
+from .config import ExperimentConfig
+from .data import LabelPermutation, LabelShift, Partition, Rotation, load_dataset
+from .metrics import RunDir, summarize
+from .peer import Peer, PeerSettings
+from .policies import make_policy
+from .transport import Transport, TransportConfig, make_directory, preflight
+from .wire import Limits, schema_of
+
+EventHook = Callable[[dict[str, Any]], None]
+
+def make_shift(cfg: ExperimentConfig) -> Any:
+    """The partitioner a config describes (paper defaults where fractions are omitted)."""
+    d = cfg.data
+    if d.shift == "label":
+        fr = d.fractions or ([0.4, 0.6] if len(d.groups) == 2 else [1.0 / len(d.groups)] * len(d.groups))
+        return LabelShift(d.groups, fr)
+    if d.shift == "label-random":
+        fr = d.fractions or [1.0 / d.clusters] * d.clusters
+        return ("random", fr)  # needs the data set's class count: resolved in build_partition
+    if d.shift == "label-permutation":
+        fr = d.fractions or [1.0 / d.clusters] * d.clusters
+        return LabelPermutation(fr, seed=cfg.seed, allow_overlap=d.allow_overlap)
+    fr = d.fractions or ([0.7, 0.2, 0.05, 0.05] if len(d.angles) == 4 else [1.0 / len(d.angles)] * len(d.angles))
+    return Rotation(d.angles, fr, allow_overlap=d.allow_overlap)
+
+
+def build_partition(cfg: ExperimentConfig) -> Partition:
+    """Load the data and split it over the peers; deterministic in ``cfg.seed``."""
+    d = cfg.data
+    data = load_dataset(d.dataset, d.root, test_per_class=d.test_per_class, seed=cfg.seed)
+    shift = make_shift(cfg)
+    if isinstance(shift, tuple):
+        fr = shift[1]
+        shift = LabelShift.random_groups(len(fr), d.classes_per_cluster, data.num_classes, fractions=fr, seed=cfg.seed)
+    return shift.split(data, cfg.peers, d.n_train, d.n_val, seed=cfg.seed)
+
+
+def model_name(cfg: ExperimentConfig, part: Partition) -> str:
+    return models.default_model_for(part.input_shape) if cfg.train.model == "auto" else cfg.train.model
+
+
+def peer_settings(cfg: ExperimentConfig, pid: int) -> PeerSettings:
+    t = cfg.train
+    return PeerSettings(
+        epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, warmup=t.warmup, test_every=t.test_every,
+        pull_timeout_s=cfg.network.timeout_s,
+        speed=cfg.compute.slow_factor if pid in cfg.compute.slow_peers else 1.0,
+        rounds=cfg.rounds, seconds=cfg.seconds if cfg.schedule == "async" else None,
+    )
+
+
+def transport_config(cfg: ExperimentConfig) -> TransportConfig:
+    n = cfg.network
+    return TransportConfig(pool_size=n.pool_size, timeout_s=n.timeout_s, hwm=n.hwm, limits=Limits(max_abs=n.max_abs))
+
+
+@dataclass
+class Hosted:
+    """The peers one process hosts, and what they share."""
+
+    peers: dict[int, Peer]
+    ctx: zmq.asyncio.Context
+    executor: ThreadPoolExecutor
+
+    async def close(self) -> None:
+        await asyncio.gather(*(p.transport.close() for p in self.peers.values()), return_exceptions=True)
+        self.executor.shutdown(wait=True, cancel_futures=True)
+        self.ctx.term()
+
+
+def build_peers(
+    cfg: ExperimentConfig,
+    part: Partition,
+    ids: Sequence[int],
+    directory: Mapping[int, str],
+    run: RunDir,
+    t0: float,
+) -> Hosted:
+    """Models, policies and transports for the peers ``ids`` (sockets not yet bound)."""
+    ctx = zmq.asyncio.Context()
+    preflight(ctx, len(ids), cfg.network.pool_size, cfg.network.transport)
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+    name = model_name(cfg, part)
+    clusters = {i: c for i, c in enumerate(part.clusters)}
+    all_ids = list(range(cfg.peers))
+    peers: dict[int, Peer] = {}
+    schema = None
+    tcfg = transport_config(cfg)
+    for pid in ids:
+        torch.manual_seed(cfg.seed if cfg.train.same_init else cfg.seed * 100_003 + pid)
+        model = models.build_model(name, part.input_shape, part.num_classes)
+        scratch = models.build_model(name, part.input_shape, part.num_classes)
+        schema = schema or schema_of(model.state_dict())
+        policy = make_policy(
+            cfg.method, pid, all_ids, n=cfg.policy.n, rng=np.random.default_rng([cfg.seed, pid]),
+            clusters=clusters, tau=cfg.policy.tau, similarity_weighted=cfg.policy.similarity_weighted,
+            pens_sampled=cfg.policy.pens_sampled, pens_phase1_rounds=cfg.policy.pens_phase1_rounds,
+        )
+        transport = Transport(ctx, pid, directory, config=tcfg, expect=schema)
+        peers[pid] = Peer(
+            pid, part.clients[pid], model, scratch, policy, transport, peer_settings(cfg, pid), run, executor,
+            seed=cfg.seed * 1_000_003 + pid, t0=t0,
+        )
+    return Hosted(peers, ctx, executor)
+
+
+async def _wait_remote(
+    probe: Transport, remote: Sequence[int], key: str, deadline: float, gone_after: float
+) -> list[int]:
+    """Ping remote peers until each reports ``key`` (or stays silent ``gone_after`` s).
+
+    Returns the peers given up on.  A peer's status travels in its PONG.
+    """
+    pending = set(remote)
+    silent_since: dict[int, float] = {}
+    gone: list[int] = []
+    while pending and time.time() < deadline:
+        batch = sorted(pending)[: probe.config.pool_size]
+        replies = await asyncio.gather(*(probe.ping(p, timeout=1.0) for p in batch))
+        now = time.time()
+        for p, st in zip(batch, replies):
+            if st is not None and st.get(key):
+                pending.discard(p)
+                silent_since.pop(p, None)
+            elif st is None:
+                since = silent_since.setdefault(p, now)
+                if now - since > gone_after:
+                    pending.discard(p)
+                    gone.append(p)
+            else:
+                silent_since.pop(p, None)
+        if pending:
+            await asyncio.sleep(0.1)
+    gone.extend(sorted(pending))
+    return gone
+
+
+async def host_peers(
+    cfg: ExperimentConfig,
+    ids: Sequence[int],
+    directory: Mapping[int, str],
+    run: RunDir,
+    *,
+    t0: float,
+    part: Partition | None = None,
+    on_event: EventHook | None = None,
+    stop: asyncio.Event | None = None,
+    ready_timeout_s: float = 300.0,
+) -> dict[int, dict]:
+    """Run the peers ``ids`` of an experiment to completion; return their results.
+
+    The same code hosts all peers of a one-process run and a share of them in a worker
+    process or on one host of a roster.
+    """
+    torch.set_num_threads(cfg.compute.threads)
+    part = part if part is not None else build_partition(cfg)
+    hosted = build_peers(cfg, part, ids, directory, run, t0)
+    peers = hosted.peers
+    remote = [p for p in directory if p not in peers]
+    results: dict[int, dict] = {}
+    try:
+        for p in peers.values():
+            await p.transport.start()
+            p.transport.status.update(ready=False, done=False)
+        # Warm up one after another (compute is serial per process anyway).
+        for p in peers.values():
+            await p.warmup()
+            p.transport.status["ready"] = True
+        probe = next(iter(peers.values())).transport
+        await _wait_remote(probe, remote, "ready", time.time() + ready_timeout_s, gone_after=ready_timeout_s)
+
+        if cfg.schedule == "sequential":
+            await _sequential(cfg, peers, on_event, stop)
+        else:
+            await asyncio.gather(*(p.run(on_event, stop) for p in peers.values()))
+        for p in peers.values():
+            results[p.id] = await p.finish()
+            p.transport.status["done"] = True
+        # Keep serving until the others are done too, so nobody pulls from a closed peer.
+        await _wait_remote(probe, remote, "done", time.time() + 24 * 3600, gone_after=3 * cfg.network.timeout_s)
+    finally:
+        for p in peers.values():
+            if p.id not in results:
+                p.state.status = "interrupted"
+                run.write_result(p.id, p.result())
+        await hosted.close()
+    return results
+
+
+async def _sequential(
+    cfg: ExperimentConfig, peers: Mapping[int, Peer], on_event: EventHook | None, stop: asyncio.Event | None
+) -> None:
+    """The reference code's rounds: each peer once per round, in a fresh random order;
+    later peers see the models earlier ones published in the same round."""
+    rng = np.random.default_rng([cfg.seed, 2**31 - 1])
+    ids = sorted(peers)
+    for _ in range(cfg.rounds):
+        for i in rng.permutation(ids):
+            if stop is not None and stop.is_set():
+                return
+            ev = await peers[int(i)].step()
+            if on_event:
+                on_event(ev)
+
+
+def prepare_run(cfg: ExperimentConfig, out: Path, part: Partition) -> RunDir:
+    run = RunDir(out)
+    run.write_config({**cfg.model_dump(), "model": model_name(cfg, part), "t0": time.time()})
+    run.write_clusters(part.clusters, part.cluster_names)
+    return run
+
+
+def run_local(
+    cfg: ExperimentConfig, out: str | Path, *, on_event: EventHook | None = None
+) -> dict[str, Any]:
+    """Run a whole experiment in this process (peers as asyncio tasks); return the summary."""
+    part = build_partition(cfg)
+    run = prepare_run(cfg, Path(out), part)
+    t0 = run.config()["t0"]
+    kind = cfg.network.transport
+    directory = make_directory(kind, range(cfg.peers))
+    start = time.perf_counter()
+    try:
+        asyncio.run(host_peers(cfg, list(range(cfg.peers)), directory, run, t0=t0, part=part, on_event=on_event))
+    finally:
+        # Partial results are summarised too (Ctrl-C, a failing peer).
+        summary = summarize(run, wall_s=time.perf_counter() - start)
+        _cleanup_ipc(directory)
+    return summary
+
+
+def _cleanup_ipc(directory: Mapping[int, str]) -> None:
+    for ep in directory.values():
+        if ep.startswith("ipc://"):
+            path = ep[len("ipc://"):]
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+    dirs = {os.path.dirname(ep[len("ipc://"):]) for ep in directory.values() if ep.startswith("ipc://")}
+    for d in dirs:
+        try:
+            os.rmdir(d)
+        except OSError:
+            pass
