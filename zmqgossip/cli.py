@@ -30,36 +30,48 @@ def fail(message: str) -> None:
 
 @app.command()
 def run(
-    experiment: str = typer.Argument(..., help="a preset name (see `zmqgossip presets`) or a TOML file"),
+    experiment: Optional[str] = typer.Argument(None, help="a preset name (see `zmqgossip presets`) or a TOML file"),
     method: Optional[str] = typer.Option(None, help="local, random, oracle, pens, dac or dac-var [default: the experiment's]"),
     schedule: Optional[str] = typer.Option(None, help="async or sequential [default: the experiment's]"),
     processes: Optional[int] = typer.Option(None, help="worker processes hosting the peers [default: the experiment's, else 1]"),
     set_: list[str] = typer.Option([], "--set", help="override a key, e.g. --set policy.tau=10 (repeatable)"),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="run directory [default: runs/NAME-METHOD-TIME]"),
     seed: Optional[int] = typer.Option(None, help="random seed [default: the experiment's]"),
+    roster: Optional[Path] = typer.Option(None, help="run every host of this roster as a local worker (loopback tcp)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress display"),
-    report: bool = typer.Option(True, help="write the report (table and plots) at the end"),
+    report: bool = typer.Option(True, help="write the report plots at the end"),
 ) -> None:
     """Run an experiment and print its result table."""
+    from .procs import run_processes
     from .progress import RunProgress
     from .report import summary_table
-    from .runner import run_local
+    from .runner import build_partition, run_local
 
     overrides = list(set_)
     if processes is not None:
         overrides.append(f"compute.processes={processes}")
+    shares = directory = None
     try:
-        cfg = config_mod.load(experiment, overrides, method=method, schedule=schedule, seed=seed)
-    except config_mod.ConfigError as e:
+        if roster is not None:
+            from .roster import load_roster
+
+            ros, cfg = load_roster(roster)
+            shares = [h.peers for h in ros.hosts]
+            directory = ros.directory()
+            out_dir = out_dir or Path(ros.out)
+        elif experiment is None:
+            fail("name an EXPERIMENT (preset or TOML file) or pass --roster FILE")
+        else:
+            cfg = config_mod.load(experiment, overrides, method=method, schedule=schedule, seed=seed)
+        build_partition(cfg)  # a missing data folder or a bad shift fails here, before anything starts
+    except (config_mod.ConfigError, DataError, ValueError) as e:
         fail(str(e))
     run_dir = out_dir or Path("runs") / f"{cfg.name}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     typer.echo(f"run directory: {run_dir}", err=True)
     try:
         with RunProgress(cfg.peers * cfg.rounds, quiet=quiet) as progress:
-            if cfg.compute.processes > 1:
-                from .procs import run_processes
-
-                summary = run_processes(cfg, run_dir, on_event=progress)
+            if shares is not None or cfg.compute.processes > 1:
+                summary = run_processes(cfg, run_dir, on_event=progress, shares=shares, directory=directory)
             else:
                 summary = run_local(cfg, run_dir, on_event=progress)
     except (DataError, TransportError, config_mod.ConfigError) as e:
@@ -72,7 +84,47 @@ def run(
         from .report import write_plots
 
         plots = write_plots(run_dir)
-        typer.echo(f"plots: {', '.join(str(p) for p in plots)}", err=True)
+        typer.echo(f"plots: {run_dir / 'plots'} ({len(plots)} files)", err=True)
+
+
+@app.command()
+def worker(
+    roster: Path = typer.Option(..., help="the roster TOML shared by all hosts"),
+    host: str = typer.Option(..., help="which host of the roster this is"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="run directory [default: the roster's out]"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress display"),
+) -> None:
+    """Run this host's peers of a roster (start one worker on every host)."""
+    import asyncio
+
+    from .metrics import RunDir, summarize
+    from .progress import RunProgress
+    from .report import summary_table
+    from .roster import load_roster
+    from .runner import build_partition, host_peers, prepare_run
+
+    try:
+        ros, cfg = load_roster(roster)
+        h = ros.host(host)
+        part = build_partition(cfg)
+    except (config_mod.ConfigError, DataError, ValueError) as e:
+        fail(str(e))
+    run_dir = out_dir or Path(ros.out)
+    run = RunDir(run_dir) if (run_dir / "config.json").is_file() else prepare_run(cfg, run_dir, part)
+    typer.echo(f"host {h.name}: peers {h.peers[0]}..{h.peers[-1]} -> {run_dir}", err=True)
+    start = time.perf_counter()
+    try:
+        with RunProgress(len(h.peers) * cfg.rounds, quiet=quiet) as progress:
+            asyncio.run(host_peers(cfg, h.peers, ros.directory(), run, t0=run.config()["t0"], part=part, on_event=progress))
+    except TransportError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted: partial results in {run_dir}", err=True)
+        raise typer.Exit(130)
+    if len(run.results()) == cfg.peers:  # the last host to finish (shared folder) summarises
+        out.print(summary_table(summarize(run, wall_s=time.perf_counter() - start)))
+    else:
+        typer.echo(f"host {h.name} done; gather every host's {run_dir} and run `zmqgossip report` on it", err=True)
 
 
 @app.command()
@@ -84,7 +136,7 @@ def presets() -> None:
             desc = raw.get("description", "")
         except config_mod.ConfigError as e:
             desc = f"(invalid: {e})"
-        out.print(f"[bold]{name}[/bold]  {desc}", highlight=False)
+        typer.echo(f"{name:<30} {desc}")
 
 
 @app.command("report")

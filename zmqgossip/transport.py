@@ -246,7 +246,8 @@ class Transport:
         t0 = time.perf_counter()
         endpoint = self.directory.get(peer)
         if endpoint is None or peer == self.id:
-            return self._failed(peer, "unknown_peer", f"peer {peer} is not in the directory", t0)
+            res = PullResult(peer, False, reason="unknown_peer", detail=f"peer {peer} is not in the directory")
+            return self._count(res, kind)
         dealer = self._dealer(peer, endpoint)
         # Held from now on, not from when the lock is taken: wait_for may start the task
         # later, and the LRU must not close this socket in between.
@@ -262,21 +263,17 @@ class Transport:
             # The socket may hold a late reply or a queued request: drop it, a fresh one
             # replaces it on the next pull.
             self._evict(peer, dealer)
-            return self._failed(peer, "timeout", f"no reply from peer {peer} within {timeout:.3g}s", t0)
+            res = PullResult(peer, False, reason="timeout", detail=f"no reply from peer {peer} within {timeout:.3g}s")
         except zmq.ZMQError as e:  # e.g. the transport was closed under this pull
             self._evict(peer, dealer)
-            return self._failed(peer, "socket", f"socket error pulling peer {peer}: {e}", t0)
+            res = PullResult(peer, False, reason="socket", detail=f"socket error pulling peer {peer}: {e}")
         finally:
             dealer.users -= 1
             if dealer.evicted and dealer.users == 0:
                 dealer.sock.close(0)
+            self._trim(self.config.pool_size)  # back to size after more concurrent pulls than it holds
         res.latency_s = time.perf_counter() - t0
-        if res.ok:
-            self.counters.pulls_ok += 1
-        else:
-            self.counters.pulls_failed += 1
-            self.counters.pull_failures[res.reason or "unknown"] += 1
-        return res
+        return self._count(res, kind)
 
     async def pull_many(self, peers: Iterable[int], timeout: float | None = None) -> list[PullResult]:
         """Pull several peers concurrently; results in the order of ``peers``."""
@@ -315,22 +312,22 @@ class Transport:
                 return PullResult(peer, False, reason=f"refused:{msg.reason}", detail=msg.detail, nbytes=nbytes)
             return PullResult(peer, True, message=msg, nbytes=nbytes)
 
-    def _failed(self, peer: int, reason: str, detail: str, t0: float) -> PullResult:
-        self.counters.pulls_failed += 1
-        self.counters.pull_failures[reason] += 1
-        return PullResult(peer, False, reason=reason, detail=detail, latency_s=time.perf_counter() - t0)
+    def _count(self, res: PullResult, kind: Kind) -> PullResult:
+        """Pull outcomes are counted; pings (readiness, liveness) are not pulls."""
+        if kind is Kind.PULL_REQUEST:
+            if res.ok:
+                self.counters.pulls_ok += 1
+            else:
+                self.counters.pulls_failed += 1
+                self.counters.pull_failures[res.reason or "unknown"] += 1
+        return res
 
     def _dealer(self, peer: int, endpoint: str) -> "_Dealer":
         d = self._pool.get(peer)
         if d is not None:
             self._pool.move_to_end(peer)
             return d
-        while len(self._pool) >= self.config.pool_size:
-            # Evict the least recently used idle socket; a busy one stays.
-            victim = next((k for k, v in self._pool.items() if v.users == 0), None)
-            if victim is None:
-                break
-            self._evict(victim)
+        self._trim(self.config.pool_size - 1)
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue a request for a peer not connected
@@ -343,6 +340,14 @@ class Transport:
         d = _Dealer(sock)
         self._pool[peer] = d
         return d
+
+    def _trim(self, size: int) -> None:
+        """Evict least recently used idle sockets until at most ``size`` remain; busy ones stay."""
+        while len(self._pool) > size:
+            victim = next((k for k, v in self._pool.items() if v.users == 0), None)
+            if victim is None:
+                break
+            self._evict(victim)
 
     def _evict(self, peer: int, dealer: "_Dealer | None" = None) -> None:
         """Drop a socket from the pool; it is closed once no pull uses it any more."""
@@ -441,9 +446,11 @@ def socket_budget(peers: int, pool_size: int, transport: str) -> Budget:
     """Sockets and file descriptors for ``peers`` peers hosted by one process.
 
     Each ZeroMQ socket holds one descriptor (its mailbox); each ipc/tcp connection holds
-    one at each end, and both ends live here when the peers share the process.
+    one at each end, and both ends live here when the peers share the process.  A socket
+    the LRU closes keeps its slot and descriptor until ZeroMQ's reaper thread frees them,
+    so each peer briefly holds one socket more than its inbox and pool.
     """
-    sockets = peers * (1 + pool_size)
+    sockets = peers * (2 + pool_size)
     conns = 0 if transport == "inproc" else peers * pool_size * 2
     return Budget(peers, sockets, sockets + conns + 64)
 
