@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .links import NetworkEmulation
 from .policies import METHODS
 
 if sys.version_info >= (3, 11):
@@ -110,9 +111,19 @@ class ExperimentConfig(_Strict):
     policy: PolicyConfig = PolicyConfig()
     network: NetworkConfig = NetworkConfig()
     compute: ComputeConfig = ComputeConfig()
+    links: NetworkEmulation = NetworkEmulation()
 
     @model_validator(mode="after")
     def _consistent(self) -> "ExperimentConfig":
+        for e in self.links.scenario:
+            if e.at_round is not None and self.schedule != "sequential":
+                raise ValueError("links.scenario: at_round needs schedule 'sequential'; use at_s with 'async'")
+            named = set(e.peers) | {p for g in e.groups for p in g}
+            if any(not 0 <= p < self.peers for p in named):
+                raise ValueError(f"links.scenario: {e.action} names peers outside 0..{self.peers - 1}")
+        for c in self.links.classes:
+            if any(not 0 <= p < self.peers for p in c.peers):
+                raise ValueError(f"links.classes: peers outside 0..{self.peers - 1}")
         if self.schedule == "sequential" and self.compute.processes > 1:
             raise ValueError("schedule 'sequential' runs in one process: set compute.processes = 1")
         if self.compute.processes > 1 and self.network.transport == "inproc":

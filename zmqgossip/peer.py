@@ -92,6 +92,7 @@ class Peer:
         self.generator = torch.Generator().manual_seed(seed)
         self.checkpoint = learning.Checkpoint()
         self.state = PeerState()
+        self.halt = False  # set by a scenario's kill: stop after the update in progress
         self.n_samples = int(data.train_y.shape[0])
 
     # ------------------------------------------------------------------ compute
@@ -225,7 +226,7 @@ class Peer:
         """The async schedule: update until the budget is spent; no barrier anywhere."""
         s = self.settings
         deadline = None if s.seconds is None else self.t0 + s.seconds
-        while not (stop is not None and stop.is_set()):
+        while not (stop is not None and stop.is_set()) and not self.halt:
             if deadline is None and self.state.step >= s.rounds:
                 break
             if deadline is not None and time.time() >= deadline:

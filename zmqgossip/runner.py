@@ -30,7 +30,8 @@ import zmq.asyncio
 from . import models
 from .config import ExperimentConfig
 from .data import LabelPermutation, LabelShift, Partition, Rotation, load_dataset
-from .metrics import RunDir, summarize
+from .links import Links, ScenarioEvent
+from .metrics import RunDir, summarize, write_json_atomic
 from .peer import Peer, PeerSettings
 from .policies import make_policy
 from .transport import Transport, TransportConfig, make_directory, preflight
@@ -105,6 +106,8 @@ def build_peers(
     directory: Mapping[int, str],
     run: RunDir,
     t0: float,
+    *,
+    links: Links | None = None,
 ) -> Hosted:
     """Models, policies and transports for the peers ``ids`` (sockets not yet bound)."""
     ctx = zmq.asyncio.Context()
@@ -126,7 +129,7 @@ def build_peers(
             clusters=clusters, tau=cfg.policy.tau, similarity_weighted=cfg.policy.similarity_weighted,
             pens_sampled=cfg.policy.pens_sampled, pens_phase1_rounds=cfg.policy.pens_phase1_rounds,
         )
-        transport = Transport(ctx, pid, directory, config=tcfg, expect=schema)
+        transport = Transport(ctx, pid, directory, config=tcfg, expect=schema, links=links)
         peers[pid] = Peer(
             pid, part.clients[pid], model, scratch, policy, transport, peer_settings(cfg, pid), run, executor,
             seed=cfg.seed * 1_000_003 + pid, t0=t0,
@@ -180,55 +183,171 @@ async def host_peers(
     """Run the peers ``ids`` of an experiment to completion; return their results.
 
     The same code hosts all peers of a one-process run and a share of them in a worker
-    process or on one host of a roster.
+    process or on one host of a roster.  The experiment's scenario (kill, partition,
+    heal, join, rejoin) is applied here to the peers this process hosts.
     """
     torch.set_num_threads(cfg.compute.threads)
     part = part if part is not None else build_partition(cfg)
-    hosted = build_peers(cfg, part, ids, directory, run, t0)
+    links = None if cfg.links.is_ideal else Links(cfg.links, cfg.peers, cfg.seed)
+    hosted = build_peers(cfg, part, ids, directory, run, t0, links=links)
     peers = hosted.peers
-    remote = [p for p in directory if p not in peers]
+    late = late_joiners(cfg)
+    remote = [p for p in directory if p not in peers and p not in late]
+    scenario = Scenario(cfg, peers, links, on_event, stop)
     results: dict[int, dict] = {}
     try:
         for p in peers.values():
-            await p.transport.start()
-            p.transport.status.update(ready=False, done=False)
-        # Warm up one after another (compute is serial per process anyway).
-        for p in peers.values():
-            await p.warmup()
-            p.transport.status["ready"] = True
+            if p.id not in late:
+                await scenario.start(p)
         probe = next(iter(peers.values())).transport
         await _wait_remote(probe, remote, "ready", time.time() + ready_timeout_s, gone_after=ready_timeout_s)
 
         if cfg.schedule == "sequential":
-            await _sequential(cfg, peers, on_event, stop)
+            await _sequential(cfg, scenario, on_event, stop)
         else:
-            await asyncio.gather(*(p.run(on_event, stop) for p in peers.values()))
+            await scenario.run_async()
         for p in peers.values():
-            results[p.id] = await p.finish()
+            if p.state.status in ("running", "killed"):
+                results[p.id] = await p.finish()
             p.transport.status["done"] = True
         # Keep serving until the others are done too, so nobody pulls from a closed peer.
         await _wait_remote(probe, remote, "done", time.time() + 24 * 3600, gone_after=3 * cfg.network.timeout_s)
     finally:
         for p in peers.values():
             if p.id not in results:
-                p.state.status = "interrupted"
+                if p.state.status in ("new", "running"):
+                    p.state.status = "interrupted"
                 run.write_result(p.id, p.result())
+        if links is not None:
+            write_json_atomic(run.root / f"links-{min(ids)}.json", links.stats.as_dict())
         await hosted.close()
     return results
 
 
+def late_joiners(cfg: ExperimentConfig) -> set[int]:
+    """Peers whose first scenario action is ``join``: they start only then."""
+    first: dict[int, str] = {}
+    for e in sorted(cfg.links.scenario, key=_when):
+        for p in e.peers:
+            first.setdefault(p, e.action)
+    return {p for p, a in first.items() if a == "join"}
+
+
+def _when(e: ScenarioEvent) -> float:
+    return e.at_s if e.at_s is not None else float(e.at_round or 0)
+
+
+class Scenario:
+    """Applies the experiment's scenario to this process's peers and links."""
+
+    def __init__(
+        self, cfg: ExperimentConfig, peers: Mapping[int, Peer], links: Links | None,
+        on_event: EventHook | None, stop: asyncio.Event | None,
+    ) -> None:
+        self.cfg = cfg
+        self.peers = peers
+        self.links = links
+        self.on_event = on_event
+        self.stop = stop
+        self.events = sorted(cfg.links.scenario, key=_when)
+        self.tasks: dict[int, asyncio.Task] = {}
+
+    async def start(self, p: Peer) -> None:
+        """Bind, warm up, publish: the peer is then ready to be pulled."""
+        await p.transport.start()
+        p.transport.status.update(ready=False, done=False)
+        await p.warmup()
+        p.transport.status["ready"] = True
+
+    def active(self, pid: int) -> bool:
+        p = self.peers.get(pid)
+        return p is not None and p.state.status == "running"
+
+    async def apply(self, e: ScenarioEvent) -> None:
+        if e.action == "partition" and self.links is not None:
+            self.links.partition(e.groups)
+        elif e.action == "heal" and self.links is not None:
+            self.links.heal()
+        for pid in e.peers:
+            p = self.peers.get(pid)
+            if p is None:
+                continue  # another host's peer: that host applies it
+            if e.action == "kill" and p.state.status == "running":
+                p.halt = True  # stops after the update in progress
+                p.state.status = "killed"
+                await p.transport.close()
+            elif e.action == "rejoin" and p.state.status == "killed":
+                await self._settle(pid)
+                p.transport = p.transport.reopen()
+                await p.transport.start()
+                p.transport.status.update(ready=True, done=False, step=p.state.step)
+                await p.publish()
+                p.halt = False
+                p.state.status = "running"
+                self._launch(p)
+            elif e.action == "join" and p.state.status == "new":
+                await self.start(p)
+                self._launch(p)
+
+    async def _settle(self, pid: int) -> None:
+        t = self.tasks.get(pid)
+        if t is not None:
+            await asyncio.gather(t, return_exceptions=True)
+
+    def _launch(self, p: Peer) -> None:
+        if self.cfg.schedule == "async":
+            self.tasks[p.id] = asyncio.create_task(p.run(self.on_event, self.stop), name=f"peer-{p.id}")
+
+    async def _drive(self, t0: float) -> None:
+        for e in self.events:
+            if e.at_s is None:
+                continue
+            await asyncio.sleep(max(0.0, t0 + e.at_s - time.time()))
+            await self.apply(e)
+
+    async def run_async(self) -> None:
+        """Every running peer free until its budget; scenario events at their times."""
+        for p in self.peers.values():
+            if p.state.status == "running":
+                self._launch(p)
+        t0 = next(iter(self.peers.values())).t0
+        driver = asyncio.create_task(self._drive(t0), name="scenario")
+        try:
+            while True:
+                pending = [t for t in self.tasks.values() if not t.done()]
+                if not driver.done():
+                    pending.append(driver)
+                if not pending:
+                    break
+                await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for t in self.tasks.values():
+                t.result()  # surface a peer's crash
+        finally:
+            driver.cancel()
+            for t in self.tasks.values():
+                t.cancel()
+            await asyncio.gather(driver, *self.tasks.values(), return_exceptions=True)
+
+
 async def _sequential(
-    cfg: ExperimentConfig, peers: Mapping[int, Peer], on_event: EventHook | None, stop: asyncio.Event | None
+    cfg: ExperimentConfig, scenario: Scenario, on_event: EventHook | None, stop: asyncio.Event | None
 ) -> None:
     """The reference code's rounds: each peer once per round, in a fresh random order;
     later peers see the models earlier ones published in the same round."""
     rng = np.random.default_rng([cfg.seed, 2**31 - 1])
-    ids = sorted(peers)
-    for _ in range(cfg.rounds):
+    ids = sorted(scenario.peers)
+    t0 = next(iter(scenario.peers.values())).t0
+    pending = list(scenario.events)
+    for r in range(cfg.rounds):
         for i in rng.permutation(ids):
+            while pending and (pending[0].at_round == r if pending[0].at_round is not None
+                               else time.time() >= t0 + (pending[0].at_s or 0.0)):
+                await scenario.apply(pending.pop(0))
             if stop is not None and stop.is_set():
                 return
-            ev = await peers[int(i)].step()
+            if not scenario.active(int(i)):
+                continue
+            ev = await scenario.peers[int(i)].step()
             if on_event:
                 on_event(ev)
 

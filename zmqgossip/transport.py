@@ -37,8 +37,9 @@ class TransportError(RuntimeError):
 class LinkModel(Protocol):
     """What the transport asks of a link emulator (see :mod:`zmqgossip.links`)."""
 
-    async def transit(self, src: int, dst: int, nbytes: int) -> bool:
-        """Wait as long as the link src->dst takes for ``nbytes``; False if dropped."""
+    async def transit(self, src: int, dst: int, nbytes: int) -> int:
+        """Wait as long as the link src->dst takes for ``nbytes``; return the copies
+        that arrive (0: lost, 2: duplicated)."""
         ...
 
 
@@ -164,6 +165,13 @@ class Transport:
         if self._inbox is not None:
             self._inbox.close(0)
 
+    def reopen(self) -> "Transport":
+        """A fresh transport at the same endpoint for a peer that rejoins; counters carry over."""
+        t = Transport(self.ctx, self.id, self.directory, config=self.config, expect=self.expect, links=self.links)
+        t.counters = self.counters
+        t._payload = self._payload
+        return t
+
     # ------------------------------------------------------------------ serving
     def publish(self, payload: ModelPayload) -> None:
         """Make ``payload`` the snapshot every later request is answered with."""
@@ -216,10 +224,11 @@ class Transport:
 
     async def _send_later(self, rid: bytes, dst: int, frames: list, nbytes: int) -> None:
         assert self.links is not None
-        if await self.links.transit(self.id, dst, nbytes):
-            self._send(rid, frames, served=True)
-        else:
+        copies = await self.links.transit(self.id, dst, nbytes)
+        if not copies:
             self.counters.refusals["link_drop"] += 1
+        for _ in range(copies):  # a duplicate is discarded by the puller (request id)
+            self._send(rid, frames, served=True)
 
     def _send(self, rid: bytes, frames: list, served: bool = False) -> None:
         """Send without ever blocking the serve loop: a full queue drops the reply."""
