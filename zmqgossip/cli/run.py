@@ -1,0 +1,73 @@
+"""`zmqgossip run`: one experiment on this machine (tasks, processes or a local roster)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .. import config as config_mod
+from ..data import DataError
+from ..transport import TransportError
+from .app import app, fail, out
+
+
+@app.command()
+def run(
+    experiment: Optional[str] = typer.Argument(None, help="a preset name (see `zmqgossip presets`) or a TOML file"),
+    method: Optional[str] = typer.Option(None, help="local, random, oracle, pens, dac or dac-var (default: the experiment's)"),
+    schedule: Optional[str] = typer.Option(None, help="async or sequential (default: the experiment's)"),
+    processes: Optional[int] = typer.Option(None, help="worker processes hosting the peers (default: the experiment's, else 1)"),
+    set_: list[str] = typer.Option([], "--set", help="override a key, e.g. --set policy.tau=10 (repeatable)"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="run directory (default: runs/NAME-METHOD-TIME)"),
+    seed: Optional[int] = typer.Option(None, help="random seed (default: the experiment's)"),
+    roster: Optional[Path] = typer.Option(None, help="run every host of this roster as a local worker (loopback tcp)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress display"),
+    report: bool = typer.Option(True, help="write the report plots at the end"),
+) -> None:
+    """Run an experiment and print its result table."""
+    from ..procs import run_processes
+    from ..progress import RunProgress
+    from ..report import summary_table
+    from ..runner import build_partition, run_local
+
+    overrides = list(set_)
+    if processes is not None:
+        overrides.append(f"compute.processes={processes}")
+    shares = directory = None
+    try:
+        if roster is not None:
+            from ..roster import load_roster
+
+            ros, cfg = load_roster(roster)
+            shares = [h.peers for h in ros.hosts]
+            directory = ros.directory()
+            out_dir = out_dir or Path(ros.out)
+        elif experiment is None:
+            fail("name an EXPERIMENT (preset or TOML file) or pass --roster FILE")
+        else:
+            cfg = config_mod.load(experiment, overrides, method=method, schedule=schedule, seed=seed)
+        build_partition(cfg)  # a missing data folder or a bad shift fails here, before anything starts
+    except (config_mod.ConfigError, DataError, ValueError) as e:
+        fail(str(e))
+    run_dir = out_dir or Path("runs") / f"{cfg.name}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    typer.echo(f"run directory: {run_dir}", err=True)
+    try:
+        with RunProgress(cfg.peers * cfg.rounds, quiet=quiet) as progress:
+            if shares is not None or cfg.compute.processes > 1:
+                summary = run_processes(cfg, run_dir, on_event=progress, shares=shares, directory=directory)
+            else:
+                summary = run_local(cfg, run_dir, on_event=progress)
+    except (DataError, TransportError, config_mod.ConfigError) as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted: partial results in {run_dir}", err=True)
+        raise typer.Exit(130)
+    out.print(summary_table(summary))
+    if report:
+        from ..report import write_plots
+
+        plots = write_plots(run_dir)
+        typer.echo(f"plots: {run_dir / 'plots'} ({len(plots)} files)", err=True)
