@@ -72,6 +72,7 @@ class TrainConfig(_Strict):
     warmup: bool = Field(True, description="one local training before round 0, as the paper")
     test_every: int = Field(5, ge=0, description="evaluate test accuracy every k rounds (0: only at the end)")
     same_init: bool = Field(False, description="all peers start from one initial model")
+    checkpoint_every: int = Field(5, ge=0, description="rounds between peer checkpoints, for --resume (0: never)")
 
 
 class PolicyConfig(_Strict):

@@ -115,6 +115,11 @@ class RunDir:
     def peers_dir(self) -> Path:
         return self.root / "peers"
 
+    def checkpoint_path(self, peer: int) -> Path:
+        d = self.root / "checkpoints"
+        d.mkdir(exist_ok=True)
+        return d / f"peer-{peer}.ckpt"
+
     def events_path(self, peer: int) -> Path:
         return self.events_dir / f"peer-{peer}.jsonl"
 
@@ -131,8 +136,15 @@ class RunDir:
             os.close(fd)
 
     def events(self, peer: int) -> list[dict]:
+        """A peer's events; after a resume, a re-run step's last line replaces earlier ones."""
         p = self.events_path(peer)
-        return read_jsonl(p) if p.exists() else []
+        if not p.exists():
+            return []
+        by_step: dict[int, dict] = {}
+        for e in read_jsonl(p):
+            by_step.pop(e.get("step", -1), None)  # keep the order of the last occurrence
+            by_step[e.get("step", -1)] = e
+        return list(by_step.values())
 
     def write_result(self, peer: int, result: Mapping[str, Any]) -> None:
         write_json_atomic(self.result_path(peer), dict(result))
@@ -246,6 +258,7 @@ def summarize(run: RunDir, *, wall_s: float | None = None, extra: Mapping[str, A
         "bytes_sent": sum(c.get("bytes_out", 0) for c in counters),
         "bytes_received": sum(c.get("bytes_in", 0) for c in counters),
         "failed_peers": failed_peers,
+        "resumed": {str(i): r["resumed_from"] for i, r in sorted(results.items()) if r.get("resumed_from") is not None},
         "staleness": _staleness(events),
     }
     if extra:

@@ -16,17 +16,19 @@ import math
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 from . import learning
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import ClientData
 from .metrics import RunDir
 from .policies import Policy, Pulled
-from .transport import PullResult, Transport
+from .transport import Counters, PullResult, Transport
 from .wire import ModelPayload
 
 T = TypeVar("T")
@@ -45,6 +47,7 @@ class PeerSettings:
     speed: float = 1.0  # >1: this peer computes that many times slower
     rounds: int = 20
     seconds: float | None = None  # async budget in wall seconds (overrides rounds)
+    checkpoint_every: int = 5  # rounds between checkpoints (0: never)
 
 
 @dataclass
@@ -93,6 +96,7 @@ class Peer:
         self.checkpoint = learning.Checkpoint()
         self.state = PeerState()
         self.halt = False  # set by a scenario's kill: stop after the update in progress
+        self.resumed_from: int | None = None  # the checkpoint step this peer resumed from
         self.n_samples = int(data.train_y.shape[0])
 
     # ------------------------------------------------------------------ compute
@@ -218,6 +222,9 @@ class Peer:
         }
         self.run_dir.append_event(self.id, event)
         self.transport.status["step"] = self.state.step
+        ck = self._maybe_checkpoint()
+        if ck is not None:
+            await self._compute(lambda: self.save(ck))
         return event
 
     async def run(
@@ -246,10 +253,57 @@ class Peer:
             return learning.accuracy(self.scratch, self.data.test_x, self.data.test_y)
 
         best_acc = await self._compute(best)
-        self.state.status = "done"
+        if self.state.status != "killed":
+            self.state.status = "done"
+        if self.settings.checkpoint_every:
+            await self._compute(lambda: self.save(self.checkpoint_path))
         result = self.result(test_acc=best_acc, final_test_acc=final_acc)
         self.run_dir.write_result(self.id, result)
         return result
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, path: Path) -> None:
+        """Write everything needed to resume this peer (atomic; no pickle)."""
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        if self.checkpoint.best_state is not None:
+            tensors.update({f"best.{k}": v for k, v in self.checkpoint.best_state.items()})
+        tensors["rng.torch"] = self.generator.get_state()
+        meta = {
+            "peer": self.id,
+            "step": self.state.step,
+            "state": asdict(self.state),
+            "best_loss": self.checkpoint.best_loss,
+            "best_step": self.checkpoint.best_step,
+            "policy": self.policy.state(),
+            "counters": self.transport.counters.as_dict(),
+        }
+        save_checkpoint(path, tensors, meta)
+
+    def restore(self, path: Path) -> int:
+        """Load a checkpoint written by :meth:`save`; return its step."""
+        tensors, meta = load_checkpoint(path)
+        if meta.get("peer") != self.id:
+            raise CheckpointError(f"{path} belongs to peer {meta.get('peer')}, not {self.id}")
+        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        best = {k[5:]: v.clone() for k, v in tensors.items() if k.startswith("best.")}
+        self.checkpoint.best_state = best or None
+        self.checkpoint.best_loss = float(meta["best_loss"])
+        self.checkpoint.best_step = int(meta["best_step"])
+        self.generator.set_state(tensors["rng.torch"].clone())
+        self.policy.restore(meta["policy"])
+        self.state = PeerState(**meta["state"])
+        self.transport.counters = Counters.from_dict(meta["counters"])
+        return self.state.step
+
+    def _maybe_checkpoint(self) -> Path | None:
+        every = self.settings.checkpoint_every
+        if every and self.state.step % every == 0:
+            return self.checkpoint_path
+        return None
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.run_dir.checkpoint_path(self.id)
 
     def result(self, **extra: Any) -> dict[str, Any]:
         sw = self.policy.sampling_weights()
@@ -265,6 +319,7 @@ class Peer:
             "speed": self.settings.speed,
             "counters": self.transport.counters.as_dict(),
             "sampling_weights": {str(k): v for k, v in sw.items()} if sw else None,
+            "resumed_from": self.resumed_from,
             **extra,
         }
 

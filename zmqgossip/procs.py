@@ -33,7 +33,9 @@ def split_peers(peers: int, processes: int) -> list[list[int]]:
     return [list(map(int, a)) for a in np.array_split(np.arange(peers), processes)]
 
 
-def worker_main(cfg_data: dict[str, Any], ids: list[int], directory: dict[int, str], run_root: str, t0: float) -> None:
+def worker_main(
+    cfg_data: dict[str, Any], ids: list[int], directory: dict[int, str], run_root: str, t0: float, resume: bool = False
+) -> None:
     """Entry point of one worker process: host ``ids`` until done or signalled."""
     cfg = ExperimentConfig.model_validate(cfg_data)
     run = RunDir(Path(run_root))
@@ -44,7 +46,7 @@ def worker_main(cfg_data: dict[str, Any], ids: list[int], directory: dict[int, s
         assert task is not None
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, task.cancel)
-        await host_peers(cfg, ids, directory, run, t0=t0)
+        await host_peers(cfg, ids, directory, run, t0=t0, resume=resume)
 
     try:
         asyncio.run(main())
@@ -89,6 +91,7 @@ def run_workers(
     on_event: EventHook | None = None,
     poll_s: float = 0.5,
     stop_after: Callable[[], bool] | None = None,
+    resume: bool = False,
 ) -> list[dict[str, Any]]:
     """Start one spawned worker per share, watch them, return each one's outcome."""
     ctx = mp.get_context("spawn")
@@ -96,7 +99,7 @@ def run_workers(
     data = cfg.model_dump()
     procs = []
     for share in shares:
-        p = ctx.Process(target=worker_main, args=(data, list(share), dict(directory), str(run.root), t0), daemon=False)
+        p = ctx.Process(target=worker_main, args=(data, list(share), dict(directory), str(run.root), t0, resume), daemon=False)
         p.start()
         procs.append(p)
     follower = EventFollower(run, [i for s in shares for i in s])
@@ -140,6 +143,7 @@ def run_processes(
     on_event: EventHook | None = None,
     shares: Sequence[Sequence[int]] | None = None,
     directory: Mapping[int, str] | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run an experiment with its peers spread over worker processes.
 
@@ -147,14 +151,14 @@ def run_processes(
     its hosts' shares and tcp directory instead.
     """
     part = build_partition(cfg)  # validates the data before any worker starts
-    run = prepare_run(cfg, Path(out), part)
+    run = RunDir(Path(out)) if resume else prepare_run(cfg, Path(out), part)
     del part
     directory = directory or make_directory(cfg.network.transport, range(cfg.peers))
     shares = shares or split_peers(cfg.peers, cfg.compute.processes)
     start = time.perf_counter()
     workers: list[dict[str, Any]] = []
     try:
-        workers = run_workers(cfg, shares, directory, run, on_event=on_event)
+        workers = run_workers(cfg, shares, directory, run, on_event=on_event, resume=resume)
     finally:
         summary = summarize(run, wall_s=time.perf_counter() - start, extra={"processes": len(shares), "workers": workers})
         _cleanup_ipc(directory)

@@ -77,6 +77,7 @@ def peer_settings(cfg: ExperimentConfig, pid: int) -> PeerSettings:
         pull_timeout_s=cfg.network.timeout_s,
         speed=cfg.compute.slow_factor if pid in cfg.compute.slow_peers else 1.0,
         rounds=cfg.rounds, seconds=cfg.seconds if cfg.schedule == "async" else None,
+        checkpoint_every=t.checkpoint_every,
     )
 
 
@@ -157,7 +158,7 @@ async def _wait_remote(
                 silent_since.pop(p, None)
             elif st is None:
                 since = silent_since.setdefault(p, now)
-                if now - since > gone_after:
+                if now - since >= gone_after:
                     pending.discard(p)
                     gone.append(p)
             else:
@@ -179,6 +180,7 @@ async def host_peers(
     on_event: EventHook | None = None,
     stop: asyncio.Event | None = None,
     ready_timeout_s: float = 300.0,
+    resume: bool = False,
 ) -> dict[int, dict]:
     """Run the peers ``ids`` of an experiment to completion; return their results.
 
@@ -195,9 +197,14 @@ async def host_peers(
     remote = [p for p in directory if p not in peers and p not in late]
     scenario = Scenario(cfg, peers, links, on_event, stop)
     results: dict[int, dict] = {}
+    prior = run.results() if resume else {}
     try:
         for p in peers.values():
-            if p.id not in late:
+            if resume and p.checkpoint_path.exists():
+                await scenario.resume(p, done=prior.get(p.id, {}).get("status") == "done")
+                if p.state.status == "done":
+                    results[p.id] = prior[p.id]  # serves its final model; its result stands
+            elif p.id not in late:
                 await scenario.start(p)
         probe = next(iter(peers.values())).transport
         await _wait_remote(probe, remote, "ready", time.time() + ready_timeout_s, gone_after=ready_timeout_s)
@@ -211,7 +218,14 @@ async def host_peers(
                 results[p.id] = await p.finish()
             p.transport.status["done"] = True
         # Keep serving until the others are done too, so nobody pulls from a closed peer.
-        await _wait_remote(probe, remote, "done", time.time() + 24 * 3600, gone_after=3 * cfg.network.timeout_s)
+        gone = await _wait_remote(probe, remote, "done", time.time() + 24 * 3600, gone_after=3 * cfg.network.timeout_s)
+        # Then until each other host has seen us done ("finished": it saw all its remotes
+        # done). Without this second phase a host that closed right after seeing the last
+        # host done left that host pinging silence for 3 timeouts before it could end.
+        # Every remote still here was seen done, so silence now just means it has left.
+        for p in peers.values():
+            p.transport.status["finished"] = True
+        await _wait_remote(probe, [p for p in remote if p not in gone], "finished", time.time() + 24 * 3600, gone_after=0)
     finally:
         for p in peers.values():
             if p.id not in results:
@@ -258,6 +272,18 @@ class Scenario:
         p.transport.status.update(ready=False, done=False)
         await p.warmup()
         p.transport.status["ready"] = True
+
+    async def resume(self, p: Peer, *, done: bool) -> None:
+        """Restore ``p`` from its checkpoint and publish; a peer that had finished only serves."""
+        step = p.restore(p.checkpoint_path)
+        await p.transport.start()
+        await p.publish()
+        if done:
+            p.state.status = "done"
+        else:
+            p.state.status = "running"
+            p.resumed_from = step
+        p.transport.status.update(ready=True, done=False, step=step)
 
     def active(self, pid: int) -> bool:
         p = self.peers.get(pid)
@@ -359,18 +385,29 @@ def prepare_run(cfg: ExperimentConfig, out: Path, part: Partition) -> RunDir:
     return run
 
 
+def load_run_config(run: RunDir) -> ExperimentConfig:
+    """The experiment a run directory was started with (for --resume)."""
+    raw = {k: v for k, v in run.config().items() if k not in ("environment", "model", "t0")}
+    return ExperimentConfig.model_validate(raw)
+
+
 def run_local(
-    cfg: ExperimentConfig, out: str | Path, *, on_event: EventHook | None = None
+    cfg: ExperimentConfig, out: str | Path, *, on_event: EventHook | None = None, resume: bool = False
 ) -> dict[str, Any]:
-    """Run a whole experiment in this process (peers as asyncio tasks); return the summary."""
+    """Run a whole experiment in this process (peers as asyncio tasks); return the summary.
+
+    With ``resume``, ``out`` is an earlier run's directory: peers restart from their
+    checkpoints, finished peers only serve, and the run completes.
+    """
     part = build_partition(cfg)
-    run = prepare_run(cfg, Path(out), part)
+    run = RunDir(Path(out)) if resume else prepare_run(cfg, Path(out), part)
     t0 = run.config()["t0"]
     kind = cfg.network.transport
     directory = make_directory(kind, range(cfg.peers))
     start = time.perf_counter()
     try:
-        asyncio.run(host_peers(cfg, list(range(cfg.peers)), directory, run, t0=t0, part=part, on_event=on_event))
+        asyncio.run(host_peers(cfg, list(range(cfg.peers)), directory, run, t0=t0, part=part, on_event=on_event,
+                               resume=resume))
     finally:
         # Partial results are summarised too (Ctrl-C, a failing peer).
         summary = summarize(run, wall_s=time.perf_counter() - start)

@@ -65,6 +65,13 @@ class Counters:
         d["refusals"] = dict(self.refusals)
         return d
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Counters":
+        c = cls(**{k: int(v) for k, v in d.items() if k not in ("pull_failures", "refusals")})
+        c.pull_failures.update(d.get("pull_failures", {}))
+        c.refusals.update(d.get("refusals", {}))
+        return c
+
 
 @dataclass
 class PullResult:
@@ -258,8 +265,8 @@ class Transport:
             res = PullResult(peer, False, reason="unknown_peer", detail=f"peer {peer} is not in the directory")
             return self._count(res, kind)
         dealer = self._dealer(peer, endpoint)
-        # Held from now on, not from when the lock is taken: wait_for may start the task
-        # later, and the LRU must not close this socket in between.
+        # Held from now on, not from when the lock is taken (on Python < 3.11 wait_for
+        # starts the task later): the LRU must not close this socket in between.
         dealer.users += 1
 
         async def locked() -> PullResult:
@@ -267,7 +274,7 @@ class Transport:
                 return await self._exchange(dealer, peer, expect if expect is not None else self.expect, kind)
 
         try:
-            res = await asyncio.wait_for(locked(), timeout)
+            res = await _within(locked(), timeout)
         except asyncio.TimeoutError:
             # The socket may hold a late reply or a queued request: drop it, a fresh one
             # replaces it on the next pull.
@@ -372,6 +379,18 @@ class Transport:
     @property
     def sockets_open(self) -> int:
         return len(self._pool) + (self._inbox is not None and not self._closed)
+
+
+if hasattr(asyncio, "timeout"):  # Python >= 3.11
+
+    async def _within(coro: Any, timeout: float) -> Any:
+        """``await coro`` with a deadline, in the caller's task: unlike ``wait_for`` (before
+        3.12) no extra task, so a pull costs two event-loop turns fewer."""
+        async with asyncio.timeout(timeout):
+            return await coro
+
+else:  # pragma: no cover - Python 3.10
+    _within = asyncio.wait_for
 
 
 @dataclass

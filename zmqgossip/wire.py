@@ -440,12 +440,18 @@ def _tensor(
         # bytes objects are read-only; torch wants writable memory. zmq frames
         # received with copy=False are writable, so the hot path never copies.
         mv = memoryview(bytearray(mv))
-    arr = np.frombuffer(mv, dtype=ndt)
-    t = torch.from_numpy(arr)
+    t = torch.from_numpy(np.frombuffer(mv, dtype=ndt).reshape(shape))
     if wd == "bfloat16":
         t = t.view(torch.bfloat16)
-    t = t.view(shape)
     if limits is not None and wd in _FLOAT_DTYPES and t.numel():
+        if limits.max_abs is None:
+            if not limits.check_finite:
+                return t
+            # One cheap pass first: a sum is finite only if every value is (NaN and +-Inf
+            # never turn back into a finite number). Finite values can still overflow a
+            # sum, so only a non-finite sum needs the exact look below.
+            if math.isfinite(float(t.sum())):
+                return t
         lo, hi = torch.aminmax(t.float() if wd in ("float16", "bfloat16") else t)
         lo, hi = float(lo), float(hi)
         # NaN propagates through aminmax; so does +-Inf.

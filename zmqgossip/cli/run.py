@@ -24,6 +24,7 @@ def run(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="run directory (default: runs/NAME-METHOD-TIME)"),
     seed: Optional[int] = typer.Option(None, help="random seed (default: the experiment's)"),
     roster: Optional[Path] = typer.Option(None, help="run every host of this roster as a local worker (loopback tcp)"),
+    resume: Optional[Path] = typer.Option(None, help="finish an interrupted or crashed run from its peers' checkpoints"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress display"),
     report: bool = typer.Option(True, help="write the report plots at the end"),
 ) -> None:
@@ -38,7 +39,15 @@ def run(
         overrides.append(f"compute.processes={processes}")
     shares = directory = None
     try:
-        if roster is not None:
+        if resume is not None:
+            from ..metrics import RunDir
+            from ..runner import load_run_config
+
+            if not (resume / "config.json").is_file():
+                fail(f"{resume} is not a run directory (no config.json)")
+            cfg = load_run_config(RunDir(resume))
+            out_dir = resume
+        elif roster is not None:
             from ..roster import load_roster
 
             ros, cfg = load_roster(roster)
@@ -57,9 +66,10 @@ def run(
     try:
         with RunProgress(cfg.peers * cfg.rounds, quiet=quiet) as progress:
             if shares is not None or cfg.compute.processes > 1:
-                summary = run_processes(cfg, run_dir, on_event=progress, shares=shares, directory=directory)
+                summary = run_processes(cfg, run_dir, on_event=progress, shares=shares, directory=directory,
+                                        resume=resume is not None)
             else:
-                summary = run_local(cfg, run_dir, on_event=progress)
+                summary = run_local(cfg, run_dir, on_event=progress, resume=resume is not None)
     except (DataError, TransportError, config_mod.ConfigError) as e:
         fail(str(e))
     except KeyboardInterrupt:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -57,6 +58,14 @@ class Policy:
     def sampling_weights(self) -> dict[int, float] | None:
         """The current probability of drawing each peer, for metrics; None if uniform."""
         return None
+
+    def state(self) -> dict[str, Any]:
+        """Everything needed to resume this policy (JSON-serialisable)."""
+        return {"t": self.t, "rng": self.rng.bit_generator.state}
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        self.t = int(state["t"])
+        self.rng.bit_generator.state = state["rng"]
 
     def uniform(self, k: int) -> list[int]:
         k = min(k, len(self.others))

@@ -25,7 +25,8 @@ reference runs without error:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -133,6 +134,15 @@ class DAC(Policy):
         q = np.array([self.p[self.index[r.peer]] if r.peer in self.index else 0.0 for r in pulled])
         q = q / q.sum() if q.sum() > 0 else np.full(len(pulled), 1.0 / len(pulled))
         return [own, *((1.0 - own) * q).tolist()]
+
+    def state(self) -> dict[str, Any]:
+        return {**super().state(), "s": self.s.tolist(), "c": self.c.tolist(), "p": self.p.tolist()}
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        super().restore(state)
+        self.s = np.asarray(state["s"], dtype=np.float64)
+        self.c = np.asarray(state["c"], dtype=np.int64)
+        self.p = np.asarray(state["p"], dtype=np.float64)
 
     def score_row(self) -> dict[int, float]:
         nz = np.flatnonzero(self.s)

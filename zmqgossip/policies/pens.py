@@ -9,7 +9,8 @@ gossip uniformly among them (all others if none qualify).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -54,6 +55,18 @@ class PENS(Policy):
         chance = {p: c * self.n / max(self.sampled, 1) for p, c in self.sampled_count.items()}
         good = [p for p, c in self.selected.items() if c > chance[p] and c > 0]
         return np.array(good if good else list(self.selected), dtype=np.int64)
+
+    def state(self) -> dict[str, Any]:
+        nb = None if self._neighbours is None else self._neighbours.tolist()
+        return {**super().state(), "selected": list(self.selected.items()),
+                "sampled_count": list(self.sampled_count.items()), "neighbours": nb}
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        super().restore(state)
+        self.selected = {int(k): int(v) for k, v in state["selected"]}
+        self.sampled_count = {int(k): int(v) for k, v in state["sampled_count"]}
+        nb = state.get("neighbours")
+        self._neighbours = None if nb is None else np.asarray(nb, dtype=np.int64)
 
     def _top(self, pulled: Sequence[Pulled]) -> set[int]:
         scored = [r for r in pulled if r.loss is not None]
