@@ -240,12 +240,18 @@ class Transport:
     def _send(self, rid: bytes, frames: list, served: bool = False) -> None:
         """Send without ever blocking the serve loop: a full queue drops the reply."""
         assert self._inbox is not None
+        # An asyncio socket does not raise here: it returns a finished Future that holds
+        # the error (EAGAIN: queue full; EHOSTUNREACH: the puller is gone). Read it, so the
+        # failure is counted and the Future is not logged as "exception never retrieved".
         try:
-            self._inbox.send_multipart([rid, *frames], flags=zmq.DONTWAIT, copy=self._copy_out)
-        except zmq.Again:
+            fut = self._inbox.send_multipart([rid, *frames], flags=zmq.DONTWAIT, copy=self._copy_out)
+            err = fut.exception() if isinstance(fut, asyncio.Future) and fut.done() else None
+        except zmq.ZMQError as e:  # a synchronous socket raises
+            err = e
+        if isinstance(err, zmq.Again):
             self.counters.refusals["dropped_hwm"] += 1
             return
-        except zmq.ZMQError:  # EHOSTUNREACH: the puller is gone
+        if isinstance(err, zmq.ZMQError):  # EHOSTUNREACH: the puller is gone
             self.counters.refusals["unreachable"] += 1
             return
         self.counters.msgs_out += 1

@@ -1,0 +1,309 @@
+"""End-to-end model pulls through ``Transport.pull`` vs the raw pyzmq limit.
+
+For each topology (inproc / ipc / tcp in one process; ipc / tcp between two processes)
+and model size (0.25 MB LeNet, 10 MB), measured in the same run and interleaved:
+
+  pull  ``Transport.pull``: request, reply from the cached ``ModelPayload``, decode with the
+        receiver's schema into tensors (asyncio, as the peers run it)
+  raw   a plain DEALER/ROUTER multipart request/reply of the same frames (blocking pyzmq;
+        the server replies with pre-built frames, ``copy=False``; no decoding)
+
+Reported: pulls/s, GB/s of model bytes, p50/p99 latency over all rounds, and the ratio
+pull/raw of pulls per second, taken within each round (the two sides run back to back, so
+they share the machine's load) and then the median over rounds (target >= 0.8 for both
+sizes on ipc between two processes). Timing is never asserted.
+
+Usage: python benchmarks/bench_transport.py [--quick] [--seconds S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import faulthandler
+import multiprocessing
+import shutil
+import signal
+import sys
+import threading
+import time
+
+import torch
+import zmq
+import zmq.asyncio
+
+from _common import MB, MODELS, environment, json_line, median, pct, state_bytes, table
+
+from zmqgossip import wire
+from zmqgossip.transport import Transport, TransportConfig, ipc_dir, make_directory
+from zmqgossip.wire import ModelPayload
+
+SERVER, CLIENT = 1, 0
+ROUNDS = 5  # pull and raw alternate this many times per configuration
+RAW_TIMEOUT_MS = 30_000
+
+
+def endpoint_for(kind: str, base: str, tag: str) -> str:
+    if kind == "inproc":
+        return f"inproc://bench-{tag}"
+    if kind == "ipc":
+        return f"ipc://{base}/{tag}"
+    return "tcp://127.0.0.1:0"
+
+
+def build_payload(size: str) -> ModelPayload:
+    return ModelPayload.build(MODELS[size](0), step=1, version=1, n_samples=400)
+
+
+# ------------------------------------------------------------------ raw pyzmq
+
+
+def raw_server_socket(ctx: zmq.Context, kind: str, base: str, tag: str) -> tuple[zmq.Socket, str]:
+    s = ctx.socket(zmq.ROUTER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.bind(endpoint_for(kind, base, tag))
+    return s, s.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+def raw_serve_forever(socks: dict[zmq.Socket, list], stop: threading.Event) -> None:
+    """Answer every request on any of ``socks`` with that socket's pre-built frames."""
+    poller = zmq.Poller()
+    for s in socks:
+        poller.register(s, zmq.POLLIN)
+    while not stop.is_set():
+        for s, _ in poller.poll(100):
+            try:
+                msg = s.recv_multipart(copy=False, flags=zmq.DONTWAIT)
+                s.send_multipart([msg[0], *socks[s]], copy=False)
+            except zmq.Again:
+                continue
+            except Exception as e:  # keep serving; a silent dead thread would hang the client
+                print(f"raw server: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+
+
+def raw_client(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
+    c = ctx.socket(zmq.DEALER)
+    c.setsockopt(zmq.LINGER, 0)
+    c.setsockopt(zmq.RCVTIMEO, RAW_TIMEOUT_MS)  # a lost reply fails the run instead of hanging it
+    c.connect(endpoint)
+    return c
+
+
+def raw_once(client: zmq.Socket, req: list, server: zmq.Socket | None, frames: list | None) -> int:
+    """One request/reply; with ``server`` given, serve it inline (same thread)."""
+    client.send_multipart(req)
+    if server is not None:
+        rid, _ = server.recv_multipart(copy=False)
+        server.send_multipart([rid, *frames], copy=False)
+    reply = client.recv_multipart(copy=False)
+    return sum(len(f) for f in reply)
+
+
+def time_raw(client, req, server, frames, seconds: float, warmup: int = 3) -> list[float]:
+    for _ in range(warmup):
+        raw_once(client, req, server, frames)
+    lat = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end or len(lat) < 5:
+        t0 = time.perf_counter()
+        raw_once(client, req, server, frames)
+        lat.append(time.perf_counter() - t0)
+    return lat
+
+
+# ------------------------------------------------------------------ pulls
+
+
+async def time_pulls(t: Transport, seconds: float, warmup: int = 3) -> list[float]:
+    for _ in range(warmup):
+        r = await t.pull(SERVER, timeout=30)
+        assert r.ok, r
+    lat = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end or len(lat) < 5:
+        t0 = time.perf_counter()
+        r = await t.pull(SERVER, timeout=30)
+        lat.append(time.perf_counter() - t0)
+        if not r.ok:
+            raise RuntimeError(f"pull failed: {r.reason} {r.detail}")
+    return lat
+
+
+# ------------------------------------------------------------------ server process
+
+
+def child_main(conn, kinds: list[str], sizes: list[str], base: str) -> None:
+    """Server process: one Transport (asyncio, main thread) and one raw ROUTER (a thread)
+    per (transport kind, model size); reports its endpoints, serves until told to stop."""
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` shows where a stuck server is
+    torch.set_num_threads(1)
+    payloads = {s: build_payload(s) for s in sizes}
+    sctx = zmq.Context()
+    raw_socks, raw_eps = {}, {}
+    for k in kinds:
+        for s in sizes:
+            sock, ep = raw_server_socket(sctx, k, base, f"raw-{k}-{s}")
+            raw_socks[sock] = list(payloads[s].reply(SERVER, 1))
+            raw_eps[(k, s)] = ep
+    stop = threading.Event()
+    th = threading.Thread(target=raw_serve_forever, args=(raw_socks, stop), daemon=True)
+    th.start()
+
+    async def main() -> None:
+        actx = zmq.asyncio.Context()
+        ts = {}
+        for k in kinds:
+            for s in sizes:
+                ep = endpoint_for(k, base, f"pull-{k}-{s}")
+                t = Transport(actx, SERVER, {SERVER: ep})
+                await t.start()
+                t.publish(payloads[s])
+                ts[(k, s)] = t
+        conn.send({"raw": raw_eps, "pull": {key: t.endpoint for key, t in ts.items()}})
+        while not conn.poll():
+            await asyncio.sleep(0.05)
+        conn.recv()
+        for t in ts.values():
+            await t.close()
+        actx.term()
+
+    asyncio.run(main())
+    stop.set()
+    th.join(2)
+    sctx.destroy(0)
+    conn.send("bye")
+
+
+# ------------------------------------------------------------------ one configuration
+
+
+def summarize(lat: list[float], nbytes: int) -> dict[str, float]:
+    total = sum(lat)
+    return {
+        "n": len(lat),
+        "per_s": len(lat) / total,
+        "GBps": len(lat) * nbytes / total / 1e9,
+        "p50_ms": pct(lat, 50) * 1e3,
+        "p99_ms": pct(lat, 99) * 1e3,
+    }
+
+
+def run_config(kind: str, size: str, where: str, seconds: float, base: str, remote: dict | None) -> dict:
+    """Interleave pulls and raw round trips for one (kind, size, where)."""
+    state = MODELS[size](0)
+    schema = wire.schema_of(state)
+    nbytes = state_bytes(state)
+    sctx = zmq.Context()
+    actx = zmq.asyncio.Context()
+    raw_lat: list[float] = []
+    pull_lat: list[float] = []
+    round_ratios: list[float] = []
+    tag = f"{kind}-{size}"
+    try:
+        # raw side
+        if where == "1proc":
+            payload = build_payload(size)
+            frames = list(payload.reply(SERVER, 1))
+            server, ep = raw_server_socket(sctx, kind, base, f"raw1-{tag}")
+            client = raw_client(sctx, ep)
+        else:
+            frames, server = None, None
+            client = raw_client(sctx, remote["raw"][(kind, size)])
+        req = wire.encode_request(CLIENT, 1)
+
+        async def pulls_main() -> None:
+            if where == "1proc":
+                d = {SERVER: endpoint_for(kind, base, f"pull1-{tag}"), CLIENT: endpoint_for(kind, base, f"c1-{tag}")}
+                srv = Transport(actx, SERVER, d)
+                await srv.start()
+                srv.publish(build_payload(size))
+                d[SERVER] = srv.endpoint
+            else:
+                srv = None
+                d = {SERVER: remote["pull"][(kind, size)], CLIENT: endpoint_for(kind, base, f"c2-{tag}")}
+            me = Transport(actx, CLIENT, d, config=TransportConfig(timeout_s=30), expect=schema)
+            await me.start()
+            try:
+                for _ in range(ROUNDS):
+                    raw = time_raw(client, req, server, frames, seconds / ROUNDS)
+                    pull = await time_pulls(me, seconds / ROUNDS)
+                    raw_lat.extend(raw)
+                    pull_lat.extend(pull)
+                    round_ratios.append((len(pull) / sum(pull)) / (len(raw) / sum(raw)))
+                r = await me.pull(SERVER)
+                assert r.ok and all(torch.equal(r.message.tensors[k], state[k]) for k in state)
+            finally:
+                await me.close()
+                if srv is not None:
+                    await srv.close()
+
+        asyncio.run(pulls_main())
+        client.close(0)
+        if server is not None:
+            server.close(0)
+    finally:
+        actx.destroy(0)
+        sctx.destroy(0)
+    pull, raw = summarize(pull_lat, nbytes), summarize(raw_lat, nbytes)
+    # the ratio within each round (pull and raw ran back to back), median over rounds
+    return {"kind": kind, "size": size, "where": where, "bytes": nbytes, "pull": pull, "raw": raw,
+            "ratio": median(round_ratios), "ratio_rounds": round_ratios}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a tiny run (seconds)")
+    ap.add_argument("--seconds", type=float, default=None, help="time per configuration and side")
+    args = ap.parse_args()
+    seconds = args.seconds or (0.15 if args.quick else 2.0)
+    # a watchdog: print every thread's stack and exit rather than hang forever
+    faulthandler.dump_traceback_later(60 + 40 * seconds * ROUNDS, exit=True)
+    torch.set_num_threads(1)
+    sizes = list(MODELS)
+    base = ipc_dir("zgb")
+
+    mp = multiprocessing.get_context("spawn")
+    parent, child = mp.Pipe()
+    proc = mp.Process(target=child_main, args=(child, ["ipc", "tcp"], sizes, base), daemon=True)
+    proc.start()
+    child.close()
+    results = []
+    try:
+        if not parent.poll(120):
+            raise RuntimeError("server process did not start")
+        remote = parent.recv()
+        plan = [(k, s, "1proc") for k in ("inproc", "ipc", "tcp") for s in sizes]
+        plan += [(k, s, "2proc") for k in ("ipc", "tcp") for s in sizes]
+        for kind, size, where in plan:
+            results.append(run_config(kind, size, where, seconds, base, remote if where == "2proc" else None))
+            r = results[-1]
+            print(f"  measured {kind:6s} {size:6s} {where}: pull {r['pull']['per_s']:.0f}/s, raw {r['raw']['per_s']:.0f}/s",
+                  flush=True)
+        parent.send("stop")
+        parent.poll(10)
+    finally:
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5)
+        shutil.rmtree(base, ignore_errors=True)
+
+    rows = []
+    for r in results:
+        for side in ("raw", "pull"):
+            x = r[side]
+            rows.append([r["kind"], r["where"], r["size"], side, x["n"], x["per_s"], x["GBps"], x["p50_ms"], x["p99_ms"],
+                         r["ratio"] if side == "pull" else ""])
+    print(f"\nmodel pulls vs raw pyzmq request/reply, {seconds:g}s per side and configuration, torch threads = "
+          f"{torch.get_num_threads()}")
+    print(table(["kind", "where", "model", "side", "n", "per s", "GB/s", "p50 ms", "p99 ms", "pull/raw"], rows))
+    for r in results:
+        if r["kind"] == "ipc" and r["where"] == "2proc":
+            print(f"ipc, two processes, {r['size']} ({r['bytes'] / MB:.2f} MiB): pull/raw = {r['ratio']:.2f} (target >= 0.8)")
+    figures = {f"{r['kind']}_{r['where']}_{r['size']}": {k: r[k] for k in ("pull", "raw", "ratio", "ratio_rounds")}
+               for r in results}
+    json_line("transport", {"env": environment(), "quick": args.quick, "seconds": seconds, **figures})
+
+
+if __name__ == "__main__":
+    main()
