@@ -101,7 +101,7 @@ class Peer:
 
     # ------------------------------------------------------------------ compute
     async def _compute(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` off the event loop; a slow peer then idles (speed - 1) times as long."""
+        """Run ``fn`` off the event loop (the loop keeps serving meanwhile)."""
         loop = asyncio.get_running_loop()
 
         def timed() -> tuple[T, float]:
@@ -111,8 +111,6 @@ class Peer:
 
         out, d = await loop.run_in_executor(self.executor, timed)
         self.state.compute_s += d
-        if self.settings.speed > 1.0:
-            await asyncio.sleep((self.settings.speed - 1.0) * d)
         return out
 
     def _train_and_validate(self) -> dict[str, float]:
@@ -238,9 +236,15 @@ class Peer:
                 break
             if deadline is not None and time.time() >= deadline:
                 break
+            t = time.perf_counter()
             event = await self.step()
             if on_event is not None:
                 on_event(event)
+            if s.speed > 1.0:
+                # A slow peer's update takes `speed` times as long as it would here: it idles
+                # (speed - 1) x the wall time of the update (its queueing for the shared
+                # compute thread included, so the factor holds however many peers share it).
+                await asyncio.sleep((s.speed - 1.0) * (time.perf_counter() - t))
 
     async def finish(self) -> dict[str, Any]:
         """Final evaluation (best-validation checkpoint and final model); write the result."""

@@ -28,7 +28,7 @@ import zmq
 import zmq.asyncio
 
 from . import models
-from .config import ExperimentConfig
+from .config import ConfigError, ExperimentConfig
 from .data import LabelPermutation, LabelShift, Partition, Rotation, load_dataset
 from .links import Links, ScenarioEvent
 from .metrics import RunDir, summarize, write_json_atomic
@@ -208,6 +208,13 @@ async def host_peers(
                 await scenario.start(p)
         probe = next(iter(peers.values())).transport
         await _wait_remote(probe, remote, "ready", time.time() + ready_timeout_s, gone_after=ready_timeout_s)
+        if not resume:
+            # Round 0 starts now: a `seconds` budget, scenario times and event times count
+            # from here, not from the launch (spawning workers and warming up take seconds,
+            # which left a --processes run with a short budget no round at all).
+            start = time.time()
+            for p in peers.values():
+                p.t0 = start
 
         if cfg.schedule == "sequential":
             await _sequential(cfg, scenario, on_event, stop)
@@ -226,6 +233,8 @@ async def host_peers(
         for p in peers.values():
             p.transport.status["finished"] = True
         await _wait_remote(probe, [p for p in remote if p not in gone], "finished", time.time() + 24 * 3600, gone_after=0)
+        if remote:  # a moment more, so the others' next ping (every 0.1 s) sees us finished
+            await asyncio.sleep(0.3)
     finally:
         for p in peers.values():
             if p.id not in results:
@@ -379,6 +388,10 @@ async def _sequential(
 
 
 def prepare_run(cfg: ExperimentConfig, out: Path, part: Partition) -> RunDir:
+    """A fresh run directory; one that already holds a run is refused (mixing two runs'
+    events would corrupt both summaries), except through ``--resume``."""
+    if (out / "events").is_dir() and any((out / "events").iterdir()):
+        raise ConfigError(f"{out} already holds a run: choose another --out, delete it, or finish it with --resume")
     run = RunDir(out)
     run.write_config({**cfg.model_dump(), "model": model_name(cfg, part), "t0": time.time()})
     run.write_clusters(part.clusters, part.cluster_names)

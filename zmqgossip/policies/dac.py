@@ -106,7 +106,8 @@ class DAC(Policy):
         for col in cols:  # step 2: counts before the two-hop rule
             self.c[col] += 1
         for r, col in zip(got, cols):  # step 3
-            self.s[col] = 1.0 / max(r.loss, LOSS_FLOOR)
+            loss = r.loss if math.isfinite(r.loss) else math.inf  # a NaN loss scores 0, like inf
+            self.s[col] = 1.0 / max(loss, LOSS_FLOOR)
         self._two_hop(got, cols)  # step 4
         self.p = softmax_weights(self.s, tau_schedule(self.tau, self.t, self.variable))  # steps 5-6
         super().update(pulled)
