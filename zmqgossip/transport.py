@@ -19,13 +19,17 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from . import wire
 from .wire import Kind, Limits, ModelPayload, Schema, WireError
+
+if TYPE_CHECKING:
+    from .security import CurveKeys
 
 IPC_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
 
@@ -56,7 +60,9 @@ class Counters:
     served: int = 0
     #: why pulls I made failed: "timeout", "unknown_peer", "socket", "refused:<reason>", a WireError reason
     pull_failures: Counter = field(default_factory=Counter)
-    #: why requests that reached my inbox got no model: WireError reasons, "not_ready", "dropped_hwm"
+    #: why requests that reached my inbox got no model: WireError reasons, "not_ready", "dropped_hwm";
+    #: with CURVE also connections refused at the handshake: "auth" (key not in the roster),
+    #: "handshake" (no key / plaintext, wrong server key, not ZeroMQ)
     refusals: Counter = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, Any]:
@@ -114,6 +120,7 @@ class Transport:
         expect: Schema | None = None,
         links: LinkModel | None = None,
         bind: str | None = None,
+        security: "CurveKeys | None" = None,
     ) -> None:
         self.ctx = ctx
         self.id = peer_id
@@ -121,11 +128,16 @@ class Transport:
         self.config = config
         self.expect = expect
         self.links = links
+        #: CURVE keys (own pair, the roster's public keys): encrypted, authenticated peers
+        self.security = security
         self.endpoint = directory[peer_id] if bind is None else bind
         self.counters = Counters()
         self._payload: ModelPayload | None = None
         self._inbox: zmq.asyncio.Socket | None = None
+        self._inbox_sync: zmq.Socket | None = None  # a synchronous view of the same socket
         self._serve_task: asyncio.Task | None = None
+        self._monitor: zmq.asyncio.Socket | None = None
+        self._monitor_task: asyncio.Task | None = None
         self._pool: OrderedDict[int, _Dealer] = OrderedDict()
         self._request_ids = iter(range(1, 2**62))
         self._closed = False
@@ -146,15 +158,19 @@ class Transport:
         sock.setsockopt(zmq.SNDHWM, self.config.hwm)
         sock.setsockopt(zmq.RCVHWM, self.config.hwm)
         sock.setsockopt(zmq.MAXMSGSIZE, 64 * 1024)  # inbound are requests: small
+        if self.security is not None:
+            self._secure_inbox(sock)
         try:
             sock.bind(self.endpoint)
         except zmq.ZMQError as e:
+            self._stop_monitor()
             sock.close(0)
             raise TransportError(f"peer {self.id} cannot bind {self.endpoint}: {e}") from None
         if self.endpoint.startswith("tcp://") and self.endpoint.endswith(":0"):
             self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._copy_out = self.endpoint.startswith("inproc://")
         self._inbox = sock
+        self._inbox_sync = zmq.Socket.shadow(sock.underlying)
         self._serve_task = asyncio.create_task(self._serve(), name=f"serve-{self.id}")
 
     async def close(self) -> None:
@@ -162,10 +178,11 @@ class Transport:
         if self._closed:
             return
         self._closed = True
-        tasks = [t for t in (self._serve_task, *self._replies) if t is not None]
+        tasks = [t for t in (self._serve_task, self._monitor_task, *self._replies) if t is not None]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        self._stop_monitor()
         for d in self._pool.values():
             d.sock.close(0)
         self._pool.clear()
@@ -174,10 +191,55 @@ class Transport:
 
     def reopen(self) -> "Transport":
         """A fresh transport at the same endpoint for a peer that rejoins; counters carry over."""
-        t = Transport(self.ctx, self.id, self.directory, config=self.config, expect=self.expect, links=self.links)
+        t = Transport(self.ctx, self.id, self.directory, config=self.config, expect=self.expect, links=self.links,
+                      security=self.security)
         t.counters = self.counters
         t._payload = self._payload
         return t
+
+    # ------------------------------------------------------------------ CURVE
+    def _secure_inbox(self, sock: zmq.asyncio.Socket) -> None:
+        """Make the inbox a CURVE server behind the context's gatekeeper (before binding)."""
+        from .security import gatekeeper
+
+        keys = self.security
+        assert keys is not None
+        if self.endpoint.startswith("inproc://"):
+            sock.close(0)
+            raise TransportError(f"peer {self.id}: CURVE needs tcp or ipc endpoints, not {self.endpoint}")
+        # The ZAP handler must run before the first handshake, or libzmq admits any key.
+        gatekeeper(self.ctx, keys.peers.values())
+        sock.setsockopt(zmq.CURVE_SERVER, 1)
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, keys.public)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, keys.secret)
+        events = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+        self._monitor = sock.get_monitor_socket(events)
+        self._monitor_task = asyncio.create_task(self._watch_handshakes(self._monitor), name=f"monitor-{self.id}")
+
+    async def _watch_handshakes(self, mon: zmq.asyncio.Socket) -> None:
+        """Count the connections my inbox refused during the CURVE handshake."""
+        while True:
+            try:
+                ev = parse_monitor_message(await mon.recv_multipart())
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a closed monitor or a malformed event: stop counting, keep serving
+                return
+            if ev["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                self.counters.refusals["auth"] += 1  # the gatekeeper did not know the key
+            else:
+                self.counters.refusals["handshake"] += 1  # plaintext, wrong server key, garbage
+
+    def _stop_monitor(self) -> None:
+        mon, self._monitor = self._monitor, None
+        if mon is None:
+            return
+        try:
+            if self._inbox is not None:
+                self._inbox.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        mon.close(0)
 
     # ------------------------------------------------------------------ serving
     def publish(self, payload: ModelPayload) -> None:
@@ -189,8 +251,8 @@ class Transport:
         return self._payload
 
     async def _serve(self) -> None:
-        sock = self._inbox
-        assert sock is not None
+        sock, sync = self._inbox, self._inbox_sync
+        assert sock is not None and sync is not None
         while True:
             try:
                 frames = await sock.recv_multipart(copy=False)
@@ -199,35 +261,48 @@ class Transport:
             except zmq.ZMQError:
                 if self._closed:
                     return
+                await asyncio.sleep(0.01)  # e.g. the context is terminating: never spin
                 continue
-            if len(frames) < 2:
-                self.counters.refusals["frames"] += 1
-                continue
-            rid, body = frames[0].bytes, frames[1:]
-            self.counters.msgs_in += 1
-            self.counters.bytes_in += sum(len(f) for f in body)
-            try:
-                req = wire.decode(body, kinds=(Kind.PULL_REQUEST, Kind.PING))
-            except WireError as e:
-                self.counters.refusals[e.reason] += 1
-                self._send(rid, wire.encode_error(self.id, 0, e.reason, e.detail))
-                continue
-            if req.kind is Kind.PING:
-                self._send(rid, wire.encode_request(self.id, req.request_id, Kind.PONG, self.status))
-                continue
-            payload = self._payload
-            if payload is None:
-                self.counters.refusals["not_ready"] += 1
-                self._send(rid, wire.encode_error(self.id, req.request_id, "not_ready", "no model published yet"))
-                continue
-            frames_out = payload.reply(self.id, req.request_id)
-            if self.links is None:
-                self._send(rid, frames_out, served=True)
-            else:
-                # Each reply waits out its own link delay: no head-of-line blocking.
-                t = asyncio.create_task(self._send_later(rid, req.sender, frames_out, payload.nbytes))
-                self._replies.add(t)
-                t.add_done_callback(self._replies.discard)
+            self._handle(frames)
+            # Drain a burst through the synchronous shadow: no Future per request.
+            for _ in range(256):
+                try:
+                    frames = sync.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.ZMQError:
+                    break
+                self._handle(frames)
+            await asyncio.sleep(0)  # let the rest of the loop run between bursts
+
+    def _handle(self, frames: list) -> None:
+        """Answer one request that reached the inbox."""
+        if len(frames) < 2:
+            self.counters.refusals["frames"] += 1
+            return
+        rid, body = frames[0].bytes, frames[1:]
+        self.counters.msgs_in += 1
+        self.counters.bytes_in += sum(len(f) for f in body)
+        try:
+            req = wire.decode(body, kinds=(Kind.PULL_REQUEST, Kind.PING))
+        except WireError as e:
+            self.counters.refusals[e.reason] += 1
+            self._send(rid, wire.encode_error(self.id, 0, e.reason, e.detail))
+            return
+        if req.kind is Kind.PING:
+            self._send(rid, wire.encode_request(self.id, req.request_id, Kind.PONG, self.status))
+            return
+        payload = self._payload
+        if payload is None:
+            self.counters.refusals["not_ready"] += 1
+            self._send(rid, wire.encode_error(self.id, req.request_id, "not_ready", "no model published yet"))
+            return
+        frames_out = payload.reply(self.id, req.request_id)
+        if self.links is None:
+            self._send(rid, frames_out, served=True)
+        else:
+            # Each reply waits out its own link delay: no head-of-line blocking.
+            t = asyncio.create_task(self._send_later(rid, req.sender, frames_out, payload.nbytes))
+            self._replies.add(t)
+            t.add_done_callback(self._replies.discard)
 
     async def _send_later(self, rid: bytes, dst: int, frames: list, nbytes: int) -> None:
         assert self.links is not None
@@ -240,13 +315,11 @@ class Transport:
     def _send(self, rid: bytes, frames: list, served: bool = False) -> None:
         """Send without ever blocking the serve loop: a full queue drops the reply."""
         assert self._inbox is not None
-        # An asyncio socket does not raise here: it returns a finished Future that holds
-        # the error (EAGAIN: queue full; EHOSTUNREACH: the puller is gone). Read it, so the
-        # failure is counted and the Future is not logged as "exception never retrieved".
-        try:
-            fut = self._inbox.send_multipart([rid, *frames], flags=zmq.DONTWAIT, copy=self._copy_out)
-            err = fut.exception() if isinstance(fut, asyncio.Future) and fut.done() else None
-        except zmq.ZMQError as e:  # a synchronous socket raises
+        # EAGAIN: the queue is full; EHOSTUNREACH: the puller is gone. Both are counted.
+        err: zmq.ZMQError | None = None
+        try:  # through the synchronous shadow: no Future per reply
+            self._inbox_sync.send_multipart([rid, *frames], flags=zmq.DONTWAIT, copy=self._copy_out)
+        except zmq.ZMQError as e:
             err = e
         if isinstance(err, zmq.Again):
             self.counters.refusals["dropped_hwm"] += 1
@@ -269,6 +342,9 @@ class Transport:
         endpoint = self.directory.get(peer)
         if endpoint is None or peer == self.id:
             res = PullResult(peer, False, reason="unknown_peer", detail=f"peer {peer} is not in the directory")
+            return self._count(res, kind)
+        if self.security is not None and self.security.server_key(peer) is None:
+            res = PullResult(peer, False, reason="unknown_peer", detail=f"no CURVE public key for peer {peer}")
             return self._count(res, kind)
         dealer = self._dealer(peer, endpoint)
         # Held from now on, not from when the lock is taken (on Python < 3.11 wait_for
@@ -311,7 +387,10 @@ class Transport:
         frames = wire.encode_request(self.id, request_id, kind)
         if self.links is not None and not await self.links.transit(self.id, peer, len(frames[0])):
             await asyncio.sleep(float("inf"))  # a lost request: only the timeout ends it
-        await dealer.sock.send_multipart(frames)
+        try:  # the common case without a Future; a full or unconnected socket waits
+            dealer.sync.send_multipart(frames, flags=zmq.DONTWAIT)
+        except zmq.Again:
+            await dealer.sock.send_multipart(frames)
         self.counters.msgs_out += 1
         self.counters.bytes_out += len(frames[0])
         while True:
@@ -358,6 +437,10 @@ class Transport:
         sock.setsockopt(zmq.RCVHWM, self.config.hwm)
         # A reply bigger than the limit is cut off by ZeroMQ itself before we see it.
         sock.setsockopt(zmq.MAXMSGSIZE, min(self.config.limits.max_bytes + self.config.limits.max_header_bytes + 4096, 2**62))
+        if self.security is not None:  # a CURVE client: my key pair, and the key the server must prove
+            sock.setsockopt(zmq.CURVE_PUBLICKEY, self.security.public)
+            sock.setsockopt(zmq.CURVE_SECRETKEY, self.security.secret)
+            sock.setsockopt(zmq.CURVE_SERVERKEY, self.security.server_key(peer))
         sock.connect(endpoint)
         d = _Dealer(sock)
         self._pool[peer] = d
@@ -405,6 +488,10 @@ class _Dealer:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     users: int = 0  # pulls holding or waiting for this socket
     evicted: bool = False  # out of the pool; closed when users drops to 0
+    sync: zmq.Socket = field(init=False)  # a synchronous view of the same socket
+
+    def __post_init__(self) -> None:
+        self.sync = zmq.Socket.shadow(self.sock.underlying)
 
 
 # ---------------------------------------------------------------------- endpoints
@@ -476,25 +563,26 @@ class Budget:
     fds: int
 
 
-def socket_budget(peers: int, pool_size: int, transport: str) -> Budget:
+def socket_budget(peers: int, pool_size: int, transport: str, secure: bool = False) -> Budget:
     """Sockets and file descriptors for ``peers`` peers hosted by one process.
 
     Each ZeroMQ socket holds one descriptor (its mailbox); each ipc/tcp connection holds
     one at each end, and both ends live here when the peers share the process.  A socket
     the LRU closes keeps its slot and descriptor until ZeroMQ's reaper thread frees them,
-    so each peer briefly holds one socket more than its inbox and pool.
+    so each peer briefly holds one socket more than its inbox and pool.  With CURVE
+    (``secure``) each inbox has a monitor (two sockets) and the process one ZAP handler.
     """
-    sockets = peers * (2 + pool_size)
+    sockets = peers * (2 + pool_size) + (peers * 2 + 1 if secure else 0)
     conns = 0 if transport == "inproc" else peers * pool_size * 2
     return Budget(peers, sockets, sockets + conns + 64)
 
 
-def preflight(ctx: zmq.Context, peers: int, pool_size: int, transport: str) -> Budget:
+def preflight(ctx: zmq.Context, peers: int, pool_size: int, transport: str, secure: bool = False) -> Budget:
     """Raise the socket and descriptor limits as far as allowed, or fail with what to do.
 
     Call before the context creates its first socket (ZeroMQ fixes MAX_SOCKETS then).
     """
-    need = socket_budget(peers, pool_size, transport)
+    need = socket_budget(peers, pool_size, transport, secure)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if need.fds > soft:
         target = need.fds if hard == resource.RLIM_INFINITY else min(need.fds, hard)

@@ -369,12 +369,13 @@ def _decode(
         raise WireError("too_large", f"declared {declared} tensor bytes, bound is {limits.max_bytes}")
     if expect is not None:
         _check_schema(entries, expect)
-    check_values = kind is Kind.MODEL_REPLY
     tensors: dict[str, torch.Tensor] = {}
     for (name, wd, shape, nb), frame in zip(entries, frames[2:]):
         if name in tensors:
             raise WireError("field", f"tensor {name!r:.60} appears twice")
-        tensors[name] = _tensor(name, wd, shape, nb, frame, limits if check_values else None)
+        tensors[name] = _tensor(name, wd, shape, nb, frame)
+    if kind is Kind.MODEL_REPLY:
+        _check_model_values(tensors, limits)
     msg.tensors = tensors
     return msg
 
@@ -429,9 +430,7 @@ def _check_schema(entries: list[tuple[str, str, tuple[int, ...], int]], expect: 
             raise WireError("schema", f"tensor {name!r}: got {wd}{list(shape)}, this model has {ewd}{list(eshape)}")
 
 
-def _tensor(
-    name: str, wd: str, shape: tuple[int, ...], nb: int, frame: Frame, limits: Limits | None
-) -> torch.Tensor:
+def _tensor(name: str, wd: str, shape: tuple[int, ...], nb: int, frame: Frame) -> torch.Tensor:
     mv = _buffer(frame)
     if mv.nbytes != nb:
         raise WireError("shape", f"tensor {name!r}: frame has {mv.nbytes} bytes, table says {nb}")
@@ -443,20 +442,43 @@ def _tensor(
     t = torch.from_numpy(np.frombuffer(mv, dtype=ndt).reshape(shape))
     if wd == "bfloat16":
         t = t.view(torch.bfloat16)
-    if limits is not None and wd in _FLOAT_DTYPES and t.numel():
-        if limits.max_abs is None:
-            if not limits.check_finite:
-                return t
-            # One cheap pass first: a sum is finite only if every value is (NaN and +-Inf
-            # never turn back into a finite number). Finite values can still overflow a
-            # sum, so only a non-finite sum needs the exact look below.
-            if math.isfinite(float(t.sum())):
-                return t
-        lo, hi = torch.aminmax(t.float() if wd in ("float16", "bfloat16") else t)
-        lo, hi = float(lo), float(hi)
-        # NaN propagates through aminmax; so does +-Inf.
-        if limits.check_finite and not (math.isfinite(lo) and math.isfinite(hi)):
-            raise WireError("nonfinite", f"tensor {name!r} contains NaN or Inf")
-        if limits.max_abs is not None and max(-lo, hi) > limits.max_abs:
-            raise WireError("magnitude", f"tensor {name!r} has |value| {max(-lo, hi):.3g} > {limits.max_abs:g}")
     return t
+
+
+def _check_model_values(tensors: Mapping[str, torch.Tensor], limits: Limits) -> None:
+    """Refuse NaN/Inf (and values above ``max_abs``) in a model's float tensors."""
+    if not limits.check_finite and limits.max_abs is None:
+        return
+    bound = math.inf if limits.max_abs is None else limits.max_abs**2
+    suspects = []
+    with np.errstate(over="ignore", invalid="ignore"):
+        for name, t in tensors.items():
+            if not t.is_floating_point() or not t.numel():
+                continue
+            if t.dtype in (torch.float32, torch.float64):
+                # One dot product answers both questions in the common case: x.x is finite
+                # only if every x is (NaN/Inf propagate), and x.x <= b^2 implies every
+                # |x| <= b. Overflow or a large sum only sends us to the exact look below.
+                a = t.numpy().reshape(-1)
+                q = float(np.dot(a, a))
+                if math.isfinite(q) and q <= bound:
+                    continue
+            suspects.append((name, t))
+    for name, t in suspects:
+        _check_values(name, t, limits)
+
+
+def _check_values(name: str, t: torch.Tensor, limits: Limits) -> None:
+    if limits.max_abs is None:
+        # One cheap pass first: a sum is finite only if every value is (NaN and +-Inf
+        # never turn back into a finite number). Finite values can still overflow a
+        # sum, so only a non-finite sum needs the exact look below.
+        if math.isfinite(float(t.sum())):
+            return
+    lo, hi = torch.aminmax(t.float() if t.dtype in (torch.float16, torch.bfloat16) else t)
+    lo, hi = float(lo), float(hi)
+    # NaN propagates through aminmax; so does +-Inf.
+    if limits.check_finite and not (math.isfinite(lo) and math.isfinite(hi)):
+        raise WireError("nonfinite", f"tensor {name!r} contains NaN or Inf")
+    if limits.max_abs is not None and max(-lo, hi) > limits.max_abs:
+        raise WireError("magnitude", f"tensor {name!r} has |value| {max(-lo, hi):.3g} > {limits.max_abs:g}")
