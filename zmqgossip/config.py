@@ -31,7 +31,9 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: a timeout, learning rate or bound of inf or nan is refused on load
+    # ("Input should be a finite number") instead of hanging or poisoning a run later.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(_Strict):
@@ -52,6 +54,22 @@ class DataConfig(_Strict):
     n_val: int = Field(100, ge=1, description="validation samples per client")
     test_per_class: int | None = Field(None, ge=1, description="held-out test images per class (bundled data)")
 
+    @field_validator("groups")
+    @classmethod
+    def _groups(cls, v: list[list[int]]) -> list[list[int]]:
+        if not v or any(not g for g in v):
+            raise ValueError("groups must be a non-empty list of non-empty class lists, e.g. [[0, 1], [2, 3]]")
+        if any(c < 0 for g in v for c in g):
+            raise ValueError("class ids in groups must be >= 0")
+        return v
+
+    @field_validator("angles")
+    @classmethod
+    def _angles(cls, v: list[float]) -> list[float]:
+        if not v:
+            raise ValueError("angles must name at least one rotation")
+        return v
+
     @field_validator("fractions")
     @classmethod
     def _fractions(cls, v: list[float] | None) -> list[float] | None:
@@ -65,7 +83,7 @@ class DataConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    model: str = Field("auto", description="cnn32, cnn28, mlp, or auto (by input shape)")
+    model: Literal["auto", "cnn32", "cnn28", "mlp"] = Field("auto", description="cnn32, cnn28, mlp, or auto (by input shape)")
     epochs: int = Field(3, ge=1, description="local epochs per round (E)")
     batch_size: int = Field(8, ge=1, description="local batch size")
     lr: float = Field(3e-4, gt=0, description="Adam learning rate (a fresh Adam each round)")
@@ -81,32 +99,36 @@ class PolicyConfig(_Strict):
     similarity_weighted: bool = Field(False, description="DAC: weight pulled models by p_ij instead of data size")
     pens_sampled: int | None = Field(None, ge=1, description="PENS: peers sampled per round in phase 1 (default 2n)")
     pens_phase1_rounds: int = Field(10, ge=0, description="PENS: rounds of phase 1")
+    max_sample_ratio: float = Field(
+        1.0, gt=0, le=1e6,
+        description="a pulled model weighs at most this many times the puller's own training-set size in the "
+                    "average (its n_samples is the sender's claim; 1: no peer outweighs my own data)")
 
 
 class NetworkConfig(_Strict):
     transport: Literal["inproc", "ipc", "tcp"] = Field("inproc", description="inproc needs one process")
-    timeout_s: float = Field(10.0, gt=0, description="per-pull timeout")
-    pool_size: int = Field(8, ge=1, description="outgoing sockets kept per peer (LRU)")
-    hwm: int = Field(16, ge=1, description="messages queued per socket")
-    max_abs: float | None = Field(1e4, gt=0, description="refuse pulled models with a |value| above this")
+    timeout_s: float = Field(10.0, gt=0, le=3600, description="per-pull timeout")
+    pool_size: int = Field(8, ge=1, le=4096, description="outgoing sockets kept per peer (LRU)")
+    hwm: int = Field(16, ge=1, le=100_000, description="messages queued per socket (and per connection of an inbox)")
+    max_abs: float | None = Field(1e4, gt=0, description="refuse pulled models with a |value| above this (none: no bound)")
 
 
 class ComputeConfig(_Strict):
-    threads: int = Field(1, ge=1, description="torch threads per process")
-    processes: int = Field(1, ge=1, description="worker processes hosting the peers")
+    threads: int = Field(1, ge=1, le=1024, description="torch threads per process")
+    processes: int = Field(1, ge=1, le=4096, description="worker processes hosting the peers")
     slow_peers: list[int] = Field([], description="peer ids that compute slower")
-    slow_factor: float = Field(5.0, ge=1.0, description="how much slower the slow peers are")
+    slow_factor: float = Field(5.0, ge=1.0, le=1e6, description="how much slower the slow peers are")
 
 
 class ExperimentConfig(_Strict):
-    name: str = Field("experiment", description="shown in summaries and reports")
+    name: str = Field("experiment", min_length=1, description="shown in summaries and reports")
     description: str = Field("", description="one line for `zmqgossip presets`")
     method: Method = Field("dac-var", description=f"one of {', '.join(METHODS)}")
     schedule: Literal["async", "sequential"] = Field("async", description="async: no barrier; sequential: the reference code's rounds")
     peers: int = Field(20, ge=2, description="number of peers (clients)")
     rounds: int = Field(20, ge=1, description="updates per peer")
     seconds: float | None = Field(None, gt=0, description="async: stop after this many seconds instead")
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="random seed (0 .. 2**32 - 1)")
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     policy: PolicyConfig = PolicyConfig()

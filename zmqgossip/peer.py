@@ -48,6 +48,7 @@ class PeerSettings:
     rounds: int = 20
     seconds: float | None = None  # async budget in wall seconds (overrides rounds)
     checkpoint_every: int = 5  # rounds between checkpoints (0: never)
+    max_sample_ratio: float = 1.0  # a pulled model weighs at most this many times my own data size
 
 
 @dataclass
@@ -184,9 +185,10 @@ class Peer:
         nbytes = sum(r.nbytes for r in replies)
         scoring = self.policy.scores_models and bool(replies)
         losses = await self._compute(lambda: self._score(replies)) if scoring else [None] * len(replies)
+        # A sender's n_samples is its own claim: capped, so no one peer can swamp the mix.
+        cap = max(1, int(self.settings.max_sample_ratio * self.n_samples))
         pulled = [
-            # A sender's n_samples is its own claim: cap it so no one peer can swamp the mix.
-            Pulled(r.peer, min(r.message.n_samples, 100 * self.n_samples), loss, r.message.scores)  # type: ignore[union-attr]
+            Pulled(r.peer, min(r.message.n_samples, cap), loss, r.message.scores)  # type: ignore[union-attr]
             for r, loss in zip(replies, losses)
         ]
         self.policy.update(pulled)

@@ -34,11 +34,21 @@ def split_peers(peers: int, processes: int) -> list[list[int]]:
 
 
 def worker_main(
-    cfg_data: dict[str, Any], ids: list[int], directory: dict[int, str], run_root: str, t0: float, resume: bool = False
+    cfg_data: dict[str, Any], ids: list[int], directory: dict[int, str], run_root: str, t0: float, resume: bool = False,
+    keys: str | None = None,
 ) -> None:
-    """Entry point of one worker process: host ``ids`` until done or signalled."""
+    """Entry point of one worker process: host ``ids`` until done or signalled.
+
+    ``keys``: the CURVE keys folder of a secure roster (the worker reads its own peers'
+    secret keys from it; they never travel between processes).
+    """
     cfg = ExperimentConfig.model_validate(cfg_data)
     run = RunDir(Path(run_root))
+    keyring = None
+    if keys is not None:
+        from .security import load_keyring
+
+        keyring = load_keyring(keys, range(cfg.peers), ids)
 
     async def main() -> None:
         task = asyncio.current_task()
@@ -46,7 +56,7 @@ def worker_main(
         assert task is not None
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, task.cancel)
-        await host_peers(cfg, ids, directory, run, t0=t0, resume=resume)
+        await host_peers(cfg, ids, directory, run, t0=t0, resume=resume, keyring=keyring)
 
     try:
         asyncio.run(main())
@@ -92,6 +102,7 @@ def run_workers(
     poll_s: float = 0.5,
     stop_after: Callable[[], bool] | None = None,
     resume: bool = False,
+    keys: str | Path | None = None,
 ) -> list[dict[str, Any]]:
     """Start one spawned worker per share, watch them, return each one's outcome."""
     ctx = mp.get_context("spawn")
@@ -99,7 +110,8 @@ def run_workers(
     data = cfg.model_dump()
     procs = []
     for share in shares:
-        p = ctx.Process(target=worker_main, args=(data, list(share), dict(directory), str(run.root), t0, resume), daemon=False)
+        p = ctx.Process(target=worker_main, daemon=False,
+                        args=(data, list(share), dict(directory), str(run.root), t0, resume, None if keys is None else str(keys)))
         p.start()
         procs.append(p)
     follower = EventFollower(run, [i for s in shares for i in s])
@@ -144,11 +156,12 @@ def run_processes(
     shares: Sequence[Sequence[int]] | None = None,
     directory: Mapping[int, str] | None = None,
     resume: bool = False,
+    keys: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run an experiment with its peers spread over worker processes.
 
     By default ``cfg.compute.processes`` workers share the peers over ipc; a roster passes
-    its hosts' shares and tcp directory instead.
+    its hosts' shares and tcp directory instead, and with ``security = "curve"`` its keys folder.
     """
     part = build_partition(cfg)  # validates the data before any worker starts
     run = RunDir(Path(out)) if resume else prepare_run(cfg, Path(out), part)
@@ -158,7 +171,7 @@ def run_processes(
     start = time.perf_counter()
     workers: list[dict[str, Any]] = []
     try:
-        workers = run_workers(cfg, shares, directory, run, on_event=on_event, resume=resume)
+        workers = run_workers(cfg, shares, directory, run, on_event=on_event, resume=resume, keys=keys)
     finally:
         summary = summarize(run, wall_s=time.perf_counter() - start, extra={"processes": len(shares), "workers": workers})
         _cleanup_ipc(directory)

@@ -34,6 +34,7 @@ from .links import Links, ScenarioEvent
 from .metrics import RunDir, summarize, write_json_atomic
 from .peer import Peer, PeerSettings
 from .policies import make_policy
+from .security import KeyRing, stop_gatekeeper
 from .transport import Transport, TransportConfig, make_directory, preflight
 from .wire import Limits, schema_of
 
@@ -70,6 +71,11 @@ def model_name(cfg: ExperimentConfig, part: Partition) -> str:
     return models.default_model_for(part.input_shape) if cfg.train.model == "auto" else cfg.train.model
 
 
+def check_model(cfg: ExperimentConfig, part: Partition) -> None:
+    """Raise ValueError (with the reason) if the configured model cannot take this data."""
+    models.build_model(model_name(cfg, part), part.input_shape, part.num_classes)
+
+
 def peer_settings(cfg: ExperimentConfig, pid: int) -> PeerSettings:
     t = cfg.train
     return PeerSettings(
@@ -77,7 +83,7 @@ def peer_settings(cfg: ExperimentConfig, pid: int) -> PeerSettings:
         pull_timeout_s=cfg.network.timeout_s,
         speed=cfg.compute.slow_factor if pid in cfg.compute.slow_peers else 1.0,
         rounds=cfg.rounds, seconds=cfg.seconds if cfg.schedule == "async" else None,
-        checkpoint_every=t.checkpoint_every,
+        checkpoint_every=t.checkpoint_every, max_sample_ratio=cfg.policy.max_sample_ratio,
     )
 
 
@@ -97,6 +103,7 @@ class Hosted:
     async def close(self) -> None:
         await asyncio.gather(*(p.transport.close() for p in self.peers.values()), return_exceptions=True)
         self.executor.shutdown(wait=True, cancel_futures=True)
+        stop_gatekeeper(self.ctx)  # its ZAP socket would keep term() waiting
         self.ctx.term()
 
 
@@ -109,10 +116,14 @@ def build_peers(
     t0: float,
     *,
     links: Links | None = None,
+    keyring: KeyRing | None = None,
 ) -> Hosted:
-    """Models, policies and transports for the peers ``ids`` (sockets not yet bound)."""
+    """Models, policies and transports for the peers ``ids`` (sockets not yet bound).
+
+    With a ``keyring`` (roster ``security = "curve"``) every transport is a CURVE peer.
+    """
     ctx = zmq.asyncio.Context()
-    preflight(ctx, len(ids), cfg.network.pool_size, cfg.network.transport)
+    preflight(ctx, len(ids), cfg.network.pool_size, cfg.network.transport, secure=keyring is not None)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
     name = model_name(cfg, part)
     clusters = {i: c for i, c in enumerate(part.clusters)}
@@ -130,7 +141,8 @@ def build_peers(
             clusters=clusters, tau=cfg.policy.tau, similarity_weighted=cfg.policy.similarity_weighted,
             pens_sampled=cfg.policy.pens_sampled, pens_phase1_rounds=cfg.policy.pens_phase1_rounds,
         )
-        transport = Transport(ctx, pid, directory, config=tcfg, expect=schema, links=links)
+        transport = Transport(ctx, pid, directory, config=tcfg, expect=schema, links=links,
+                              security=keyring.for_peer(pid) if keyring is not None else None)
         peers[pid] = Peer(
             pid, part.clients[pid], model, scratch, policy, transport, peer_settings(cfg, pid), run, executor,
             seed=cfg.seed * 1_000_003 + pid, t0=t0,
@@ -181,17 +193,19 @@ async def host_peers(
     stop: asyncio.Event | None = None,
     ready_timeout_s: float = 300.0,
     resume: bool = False,
+    keyring: KeyRing | None = None,
 ) -> dict[int, dict]:
     """Run the peers ``ids`` of an experiment to completion; return their results.
 
     The same code hosts all peers of a one-process run and a share of them in a worker
     process or on one host of a roster.  The experiment's scenario (kill, partition,
-    heal, join, rejoin) is applied here to the peers this process hosts.
+    heal, join, rejoin) is applied here to the peers this process hosts.  A ``keyring``
+    makes them CURVE peers (a roster with ``security = "curve"``).
     """
     torch.set_num_threads(cfg.compute.threads)
     part = part if part is not None else build_partition(cfg)
     links = None if cfg.links.is_ideal else Links(cfg.links, cfg.peers, cfg.seed)
-    hosted = build_peers(cfg, part, ids, directory, run, t0, links=links)
+    hosted = build_peers(cfg, part, ids, directory, run, t0, links=links, keyring=keyring)
     peers = hosted.peers
     late = late_joiners(cfg)
     remote = [p for p in directory if p not in peers and p not in late]

@@ -46,6 +46,10 @@ class LinkModel(Protocol):
         that arrive (0: lost, 2: duplicated)."""
         ...
 
+    def plan(self, src: int, dst: int, nbytes: int) -> tuple[int, float]:
+        """Decide one message's fate at once: (copies that arrive, delay in seconds)."""
+        ...
+
 
 @dataclass
 class Counters:
@@ -298,15 +302,21 @@ class Transport:
         frames_out = payload.reply(self.id, req.request_id)
         if self.links is None:
             self._send(rid, frames_out, served=True)
-        else:
-            # Each reply waits out its own link delay: no head-of-line blocking.
-            t = asyncio.create_task(self._send_later(rid, req.sender, frames_out, payload.nbytes))
+            return
+        copies, delay = self.links.plan(self.id, req.sender, payload.nbytes)
+        if copies and delay > 0:
+            # Each delayed reply waits out its own delay: no head-of-line blocking.
+            t = asyncio.create_task(self._deliver_later(rid, frames_out, copies, delay))
             self._replies.add(t)
             t.add_done_callback(self._replies.discard)
+        else:  # lost, or a zero-delay link: no task, no sleep (the emulator costs ~nothing)
+            self._deliver(rid, frames_out, copies)
 
-    async def _send_later(self, rid: bytes, dst: int, frames: list, nbytes: int) -> None:
-        assert self.links is not None
-        copies = await self.links.transit(self.id, dst, nbytes)
+    async def _deliver_later(self, rid: bytes, frames: list, copies: int, delay: float) -> None:
+        await asyncio.sleep(delay)
+        self._deliver(rid, frames, copies)
+
+    def _deliver(self, rid: bytes, frames: list, copies: int) -> None:
         if not copies:
             self.counters.refusals["link_drop"] += 1
         for _ in range(copies):  # a duplicate is discarded by the puller (request id)
@@ -567,13 +577,15 @@ def socket_budget(peers: int, pool_size: int, transport: str, secure: bool = Fal
     """Sockets and file descriptors for ``peers`` peers hosted by one process.
 
     Each ZeroMQ socket holds one descriptor (its mailbox); each ipc/tcp connection holds
-    one at each end, and both ends live here when the peers share the process.  A socket
+    one at each end, and both ends live here when the peers share the process; each
+    ipc/tcp inbox also holds the descriptor it listens on.  A socket
     the LRU closes keeps its slot and descriptor until ZeroMQ's reaper thread frees them,
     so each peer briefly holds one socket more than its inbox and pool.  With CURVE
     (``secure``) each inbox has a monitor (two sockets) and the process one ZAP handler.
     """
     sockets = peers * (2 + pool_size) + (peers * 2 + 1 if secure else 0)
-    conns = 0 if transport == "inproc" else peers * pool_size * 2
+    # ipc/tcp: each bound inbox also holds its listening descriptor.
+    conns = 0 if transport == "inproc" else peers * (pool_size * 2 + 1)
     return Budget(peers, sockets, sockets + conns + 64)
 
 

@@ -32,12 +32,12 @@ def run(
     from ..procs import run_processes
     from ..progress import RunProgress
     from ..report import summary_table
-    from ..runner import build_partition, run_local
+    from ..runner import build_partition, check_model, run_local
 
     overrides = list(set_)
     if processes is not None:
         overrides.append(f"compute.processes={processes}")
-    shares = directory = None
+    shares = directory = keys = None
     try:
         if resume is not None:
             from ..metrics import RunDir
@@ -54,11 +54,16 @@ def run(
             shares = [h.peers for h in ros.hosts]
             directory = ros.directory()
             out_dir = out_dir or Path(ros.out)
+            if ros.security == "curve":
+                from ..security import keys_folder, load_keyring
+
+                keys = keys_folder(ros.keys, roster)
+                load_keyring(keys, range(cfg.peers), range(cfg.peers), roster=str(roster))  # missing keys fail here
         elif experiment is None:
             fail("name an EXPERIMENT (preset or TOML file) or pass --roster FILE")
         else:
             cfg = config_mod.load(experiment, overrides, method=method, schedule=schedule, seed=seed)
-        build_partition(cfg)  # a missing data folder or a bad shift fails here, before anything starts
+        check_model(cfg, build_partition(cfg))  # no data folder, a bad shift or model: fails before anything starts
     except (config_mod.ConfigError, DataError, ValueError) as e:
         fail(str(e))
     run_dir = out_dir or Path("runs") / f"{cfg.name}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -67,7 +72,7 @@ def run(
         with RunProgress(cfg.peers * cfg.rounds, quiet=quiet) as progress:
             if shares is not None or cfg.compute.processes > 1:
                 summary = run_processes(cfg, run_dir, on_event=progress, shares=shares, directory=directory,
-                                        resume=resume is not None)
+                                        resume=resume is not None, keys=keys)
             else:
                 summary = run_local(cfg, run_dir, on_event=progress, resume=resume is not None)
     except (DataError, TransportError, config_mod.ConfigError) as e:

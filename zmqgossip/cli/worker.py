@@ -28,12 +28,17 @@ def worker(
     from ..progress import RunProgress
     from ..report import summary_table
     from ..roster import load_roster
-    from ..runner import build_partition, host_peers, prepare_run
+    from ..runner import build_partition, check_model, host_peers, prepare_run
+    from ..security import keys_folder, load_keyring
 
+    keyring = None
     try:
         ros, cfg = load_roster(roster)
         h = ros.host(host)
+        if ros.security == "curve":  # every roster peer's public key, this host's secret keys
+            keyring = load_keyring(keys_folder(ros.keys, roster), range(cfg.peers), h.peers, roster=str(roster))
         part = build_partition(cfg)
+        check_model(cfg, part)
     except (config_mod.ConfigError, DataError, ValueError) as e:
         fail(str(e))
     run_dir = out_dir or Path(ros.out)
@@ -42,7 +47,8 @@ def worker(
     start = time.perf_counter()
     try:
         with RunProgress(len(h.peers) * cfg.rounds, quiet=quiet) as progress:
-            asyncio.run(host_peers(cfg, h.peers, ros.directory(), run, t0=run.config()["t0"], part=part, on_event=progress))
+            asyncio.run(host_peers(cfg, h.peers, ros.directory(), run, t0=run.config()["t0"], part=part, on_event=progress,
+                                   keyring=keyring))
     except TransportError as e:
         fail(str(e))
     except KeyboardInterrupt:
