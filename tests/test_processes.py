@@ -1,0 +1,391 @@
+"""Peers spread over worker processes and roster hosts: real processes, real sockets.
+
+Every run goes through the real console script (``zmqgossip run`` / ``zmqgossip worker``)
+in a subprocess, on tiny experiments written to ``tmp_path`` (bundled digits, 12 peers,
+MLP, one local epoch). A worker start costs an interpreter, torch and its first optimizer
+(about 5-10 s on a loaded 2-core machine), which dominates these tests' durations.
+Figures seen while writing are in the docstrings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from zmqgossip.metrics import RunDir
+from zmqgossip.transport import free_tcp_ports
+
+RUN_TIMEOUT_S = 150  # a hung run fails the test instead of the suite
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def zmqgossip_cmd() -> list[str]:
+    """The installed console script when there is one, else the app through this Python."""
+    script = Path(sys.executable).parent / "zmqgossip"
+    if script.is_file() and os.access(script, os.X_OK):
+        return [str(script)]
+    found = shutil.which("zmqgossip")
+    if found:
+        return [found]
+    return [sys.executable, "-c", "from zmqgossip.cli import app; app()"]
+
+
+ENV = {**os.environ, "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
+
+
+def cli(*args: str, cwd: Path, timeout: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess:
+    return subprocess.run([*zmqgossip_cmd(), *args], capture_output=True, text=True, cwd=cwd, env=ENV,
+                          timeout=timeout, check=False)
+
+
+def popen(*args: str, cwd: Path, **kw: Any) -> subprocess.Popen:
+    return subprocess.Popen([*zmqgossip_cmd(), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=cwd, env=ENV, **kw)
+
+
+def toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    raise TypeError(type(v))
+
+
+def to_toml(d: dict[str, Any]) -> str:
+    """Top-level keys, then one ``[table]`` per dict value, then ``[[array]]`` tables."""
+    def is_tables(v: Any) -> bool:
+        return isinstance(v, list) and bool(v) and isinstance(v[0], dict)
+
+    lines = [f"{k} = {toml_value(v)}" for k, v in d.items() if not isinstance(v, dict) and not is_tables(v)]
+    for k, v in d.items():
+        if isinstance(v, dict):
+            lines += ["", f"[{k}]"] + [f"{kk} = {toml_value(vv)}" for kk, vv in v.items()]
+    for k, v in d.items():
+        if is_tables(v):
+            for item in v:
+                lines += ["", f"[[{k}]]"] + [f"{kk} = {toml_value(vv)}" for kk, vv in item.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_experiment(path: Path, **over: Any) -> Path:
+    raw: dict[str, Any] = {
+        "name": "procs", "method": "dac-var", "schedule": "async", "peers": 12, "rounds": 6, "seed": 0,
+        "data": {"dataset": "digits", "shift": "label", "n_train": 40, "n_val": 20, "test_per_class": 30},
+        "train": {"model": "mlp", "epochs": 1, "lr": 3e-3, "test_every": 5},
+        "policy": {"n": 3},
+    }
+    for k, v in over.items():
+        raw[k] = {**raw[k], **v} if isinstance(v, dict) and isinstance(raw.get(k), dict) else v
+    path.write_text(to_toml(raw))
+    return path
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_blocks(sizes: list[int]) -> list[int]:
+    """Base ports, one per size, each starting a run of that many free tcp ports (a roster
+    host's peer k listens on base_port + k); candidates from ``free_tcp_ports``."""
+    bases: list[int] = []
+    taken: set[int] = set()
+    for k in sizes:
+        for _ in range(20):
+            found = next((c for c in free_tcp_ports(8) if c + k <= 65535 and not taken & set(range(c, c + k))
+                          and all(_bindable(p) for p in range(c, c + k))), None)
+            if found is not None:
+                bases.append(found)
+                taken.update(range(found, found + k))
+                break
+        else:
+            raise RuntimeError(f"no run of {k} free tcp ports")
+    return bases
+
+
+def write_roster(tmp_path: Path, shares: list[list[int]], out: Path) -> Path:
+    bases = free_port_blocks([len(s) for s in shares])
+    hosts = [{"name": name, "address": "127.0.0.1", "base_port": b, "peers": s}
+             for name, b, s in zip("abcdefgh", bases, shares)]
+    path = tmp_path / "roster.toml"
+    path.write_text(to_toml({"experiment": "exp.toml", "out": str(out), "hosts": hosts}))
+    return path
+
+
+def children(pid: int) -> list[int]:
+    """Child pids of ``pid`` (from /proc/PID/task/*/children; no psutil)."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(x) for x in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return sorted(set(out))
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def worker_children(pid: int) -> list[int]:
+    """The spawned worker processes among ``pid``'s children (not the resource tracker)."""
+    return [c for c in children(pid) if "multiprocessing-fork" in cmdline(c) or "spawn_main" in cmdline(c)]
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def event_lines(out: Path) -> dict[int, int]:
+    counts = {}
+    for p in (out / "events").glob("peer-*.jsonl"):
+        try:
+            counts[int(p.stem.split("-")[1])] = p.read_bytes().count(b"\n")
+        except OSError:
+            pass
+    return counts
+
+
+def wait_for_progress(proc: subprocess.Popen, out: Path, *, peers: int, steps: int, timeout: float = 90) -> None:
+    """Until every peer has logged ``steps`` updates (the run is well under way)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        counts = event_lines(out)
+        if len(counts) == peers and min(counts.values()) >= steps:
+            return
+        if proc.poll() is not None:
+            o, e = proc.communicate()
+            pytest.fail(f"run ended early (rc {proc.returncode}): {o[-2000:]} {e[-2000:]}")
+        time.sleep(0.1)
+    pytest.fail(f"no progress within {timeout}s: {event_lines(out)}")
+
+
+def per_cluster(summary: dict, key: str = "test_acc") -> dict[str, float]:
+    return {c: round(v, 3) for c, v in summary[key]["per_cluster"].items()}
+
+
+# ------------------------------------------------------------------ processes vs one process
+
+
+def test_two_processes_learn_like_one(tmp_path):
+    """The same async experiment (label shift, 12 peers, 20 rounds) in one process and
+    over two worker processes: all peers done, same work, per-cluster accuracies within a
+    few points. Seen (best-val test accuracy, clusters {0,1,8,9} / {2..7}, 3 pairs):
+    1 process 0.918/0.925, 0.922/0.929, 0.910/0.929; 2 processes 0.918/0.943,
+    0.933/0.947, 0.932/0.944: at most 2.2 points apart. Asserted: within 6 points, and
+    every cluster above 80% in both (so both actually learned)."""
+    exp = write_experiment(tmp_path / "exp.toml", rounds=20)
+    summaries = {}
+    for n in (1, 2):
+        out = tmp_path / f"p{n}"
+        t = time.perf_counter()
+        res = cli("run", str(exp), "--processes", str(n), "--out", str(out), "-q", "--no-report", cwd=tmp_path)
+        assert res.returncode == 0, res.stderr[-3000:]
+        s = summaries[n] = json.loads((out / "summary.json").read_text())
+        print(f"{n} process(es): {time.perf_counter() - t:.1f} s, wall {s['wall_s']:.1f} s, "
+              f"best-val {per_cluster(s)}, final {per_cluster(s, 'final_test_acc')}, "
+              f"within {s['within_cluster_pull_fraction']['all']:.2f}")
+        assert s["failed_peers"] == []
+        assert s["peer_rounds"] == 12 * 20 and s["pulls_failed"] == 0
+        assert all(r["status"] == "done" and r["steps"] == 20 for r in RunDir(out).results().values())
+    assert summaries[2]["processes"] == 2 and [w["exitcode"] for w in summaries[2]["workers"]] == [0, 0]
+    assert [w["peers"] for w in summaries[2]["workers"]] == [list(range(6)), list(range(6, 12))]
+    cfg2 = json.loads((tmp_path / "p2" / "config.json").read_text())
+    assert cfg2["network"]["transport"] == "ipc"
+    a, b = per_cluster(summaries[1]), per_cluster(summaries[2])
+    assert set(a) == set(b) == {"0", "1"}
+    for c in a:
+        assert a[c] > 0.8 and b[c] > 0.8, (a, b)
+        assert abs(a[c] - b[c]) <= 0.06, (a, b)
+
+
+def test_sequential_schedule_with_processes_is_refused(tmp_path):
+    exp = write_experiment(tmp_path / "exp.toml")
+    out = tmp_path / "out"
+    res = cli("run", str(exp), "--schedule", "sequential", "--processes", "2", "--out", str(out), cwd=tmp_path)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "sequential" in lines[0] and "processes" in lines[0]
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------ rosters over loopback tcp
+
+
+def test_roster_of_three_hosts_runs_as_local_workers(tmp_path):
+    """``zmqgossip run --roster``: hosts a, b, c (4 peers each) as three local worker
+    processes over loopback tcp, to completion."""
+    write_experiment(tmp_path / "exp.toml")
+    out = tmp_path / "three-hosts"
+    roster = write_roster(tmp_path, [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]], out)
+    t = time.perf_counter()
+    res = cli("run", "--roster", str(roster), "-q", "--no-report", cwd=tmp_path)
+    print(f"roster run: {time.perf_counter() - t:.1f} s")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "mean test accuracy" in res.stdout
+    s = json.loads((out / "summary.json").read_text())
+    assert s["failed_peers"] == [] and s["peer_rounds"] == 12 * 6 and s["pulls_failed"] == 0
+    assert s["processes"] == 3 and [w["exitcode"] for w in s["workers"]] == [0, 0, 0]
+    assert [w["peers"] for w in s["workers"]] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["network"]["transport"] == "tcp"
+    # Pulls crossed hosts: every host pulled from another host's peers.
+    counts = json.loads((out / "pulls.json").read_text())["counts"]
+    cross = sum(counts[i][j] for i in range(12) for j in range(12) if i // 4 != j // 4)
+    assert cross > 0
+
+
+def test_three_worker_commands_share_one_run(tmp_path):
+    """The multi-host path: three ``zmqgossip worker --roster FILE --host NAME`` started
+    as separate OS processes (c a few seconds after a and b: the others wait for it),
+    one shared out folder. All exit 0; the last to finish prints the table, and
+    ``zmqgossip report`` shows every peer done."""
+    write_experiment(tmp_path / "exp.toml")
+    out = tmp_path / "shared"
+    roster = write_roster(tmp_path, [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]], out)
+    t = time.perf_counter()
+    procs = {h: popen("worker", "--roster", str(roster), "--host", h, "-q", cwd=tmp_path) for h in "ab"}
+    time.sleep(3.0)
+    procs["c"] = popen("worker", "--roster", str(roster), "--host", "c", "-q", cwd=tmp_path)
+    outputs = {}
+    try:
+        for h, p in procs.items():
+            outputs[h] = p.communicate(timeout=RUN_TIMEOUT_S)
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    print(f"three workers: {time.perf_counter() - t:.1f} s")
+    for h, p in procs.items():
+        assert p.returncode == 0, (h, outputs[h][1][-3000:])
+        assert f"host {h}: peers" in outputs[h][1]
+    tables = [h for h, (o, _) in outputs.items() if "mean test accuracy" in o]
+    assert tables, outputs
+    rd = RunDir(out)
+    results = rd.results()
+    assert sorted(results) == list(range(12))
+    assert all(r["status"] == "done" and r["steps"] == 6 for r in results.values())
+    s = json.loads((out / "summary.json").read_text())
+    assert s["failed_peers"] == [] and s["peer_rounds"] == 12 * 6
+    rep = cli("report", str(out), "--no-plots", cwd=tmp_path)
+    assert rep.returncode == 0, rep.stderr
+    assert "mean test accuracy" in rep.stdout and "72 peer-rounds" in rep.stdout
+
+
+# ------------------------------------------------------------------ faults
+
+
+def test_a_killed_worker_is_reported_and_the_others_finish(tmp_path):
+    """``run --processes 2`` with a 6 s budget; once every peer has done 2 updates one
+    worker is killed with SIGKILL. The run still ends with exit 0, says the worker died
+    with exit code -9, lists exactly that worker's peers as failed; the others are done
+    and their later pulls of the dead peers failed by timeout (network.timeout_s 0.5)."""
+    exp = write_experiment(tmp_path / "exp.toml", rounds=100_000, seconds=6.0, network={"timeout_s": 0.5})
+    out = tmp_path / "out"
+    t = time.perf_counter()
+    proc = popen("run", str(exp), "--processes", "2", "--out", str(out), "-q", "--no-report", cwd=tmp_path)
+    try:
+        wait_for_progress(proc, out, peers=12, steps=2)
+        workers = worker_children(proc.pid)
+        assert len(workers) == 2, [(c, cmdline(c)) for c in children(proc.pid)]
+        victim = workers[-1]
+        kill_t = time.perf_counter()
+        os.kill(victim, signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    print(f"killed worker {victim} at {kill_t - t:.1f} s; run ended at {time.perf_counter() - t:.1f} s")
+    assert proc.returncode == 0, stderr[-3000:]
+    said = stdout + stderr
+    assert "exit code -9" in said, said[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    (dead,) = [w for w in s["workers"] if w["pid"] == victim]
+    assert dead["exitcode"] == -9
+    alive = [w for w in s["workers"] if w["pid"] != victim]
+    assert [w["exitcode"] for w in alive] == [0]
+    dead_peers = set(dead["peers"])
+    assert s["failed_peers"] == sorted(dead_peers)
+    rd = RunDir(out)
+    results = rd.results()
+    survivors = [p for p in range(12) if p not in dead_peers]
+    assert all(results[p]["status"] == "done" for p in survivors)
+    assert not dead_peers & set(results)  # killed before it could write anything
+    # Pulls of the dead peers after the kill failed, and by timeout.
+    reasons = [why for p in survivors for e in rd.events(p) for j, why in e["failed"].items() if int(j) in dead_peers]
+    print(f"failed pulls of the dead peers: {len(reasons)} ({sorted(set(reasons))}); "
+          f"survivors' updates {sum(len(rd.events(p)) for p in survivors)}")
+    assert reasons and set(reasons) == {"timeout"}
+    # The dead peers' updates before the kill are kept (events are flushed line by line).
+    assert all(len(rd.events(p)) >= 2 for p in dead_peers)
+
+
+@pytest.mark.parametrize("target", ["parent", "group"])
+def test_ctrl_c_stops_the_run_and_keeps_partial_results(tmp_path, target):
+    """SIGINT to ``zmqgossip run --processes 2`` mid-run (to the parent only, or to the
+    whole process group as a terminal's Ctrl-C does): exit code 130 within a few seconds,
+    no process left, every peer's result (interrupted or done) and a summary written."""
+    exp = write_experiment(tmp_path / "exp.toml", rounds=100_000, seconds=60.0)
+    out = tmp_path / "out"
+    proc = popen("run", str(exp), "--processes", "2", "--out", str(out), "-q", "--no-report", cwd=tmp_path,
+                 start_new_session=True)
+    try:
+        wait_for_progress(proc, out, peers=12, steps=2)
+        kids = children(proc.pid)
+        assert len(worker_children(proc.pid)) == 2
+        t = time.perf_counter()
+        if target == "parent":
+            os.kill(proc.pid, signal.SIGINT)
+        else:
+            os.killpg(proc.pid, signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+        took = time.perf_counter() - t
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    print(f"SIGINT to the {target}: exited {proc.returncode} after {took:.1f} s")
+    assert proc.returncode == 130, stderr[-3000:]
+    assert took < 15.0
+    assert "interrupted" in stderr and str(out) in stderr
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline and any(running(k) for k in kids):
+        time.sleep(0.05)
+    assert not [k for k in kids if running(k)], [(k, cmdline(k)) for k in kids if running(k)]
+    rd = RunDir(out)
+    results = rd.results()
+    assert sorted(results) == list(range(12))
+    assert {r["status"] for r in results.values()} <= {"interrupted", "done"}
+    assert "interrupted" in {r["status"] for r in results.values()}
+    s = json.loads((out / "summary.json").read_text())
+    assert s["peer_rounds"] >= 24 and s["peer_rounds"] == sum(len(rd.events(p)) for p in range(12))
