@@ -260,6 +260,7 @@ def summarize(run: RunDir, *, wall_s: float | None = None, extra: Mapping[str, A
         "failed_peers": failed_peers,
         "resumed": {str(i): r["resumed_from"] for i, r in sorted(results.items()) if r.get("resumed_from") is not None},
         "staleness": _staleness(events),
+        "links": _link_stats(run.root),
     }
     if extra:
         summary.update(extra)
@@ -272,3 +273,24 @@ def _staleness(events: Mapping[int, Iterable[Mapping]]) -> dict[str, float | Non
     lags = [a for evs in events.values() for e in evs for a in e.get("lag", ()) if a is not None]
     q = lambda v, p: float(np.percentile(v, p)) if v else None  # noqa: E731
     return {"age_s_p50": q(ages, 50), "age_s_p99": q(ages, 99), "lag_p50": q(lags, 50), "lag_p99": q(lags, 99)}
+
+
+def _link_stats(root: Path) -> dict[str, Any] | None:
+    """The link emulators' statistics, summed over the processes that wrote them.
+
+    Quantiles cannot be merged exactly: the p50/p99 given are the largest of the
+    processes' own, an upper bound."""
+    parts = []
+    for p in sorted(root.glob("links-*.json")):
+        with open(p) as f:
+            parts.append(json.load(f))
+    if not parts:
+        return None
+    out: dict[str, Any] = {k: sum(x.get(k, 0) for x in parts) for k in ("messages", "delivered", "dropped", "partitioned", "duplicated")}
+    delivered = [(x.get("delivered", 0), x.get("delay_mean_ms")) for x in parts if x.get("delay_mean_ms") is not None]
+    total = sum(n for n, _ in delivered)
+    out["delay_mean_ms"] = sum(n * m for n, m in delivered) / total if total else None
+    for q in ("delay_p50_ms", "delay_p90_ms", "delay_p99_ms"):
+        vals = [x[q] for x in parts if x.get(q) is not None]
+        out[q] = max(vals) if vals else None
+    return out

@@ -98,6 +98,7 @@ class Peer:
         self.state = PeerState()
         self.halt = False  # set by a scenario's kill: stop after the update in progress
         self.resumed_from: int | None = None  # the checkpoint step this peer resumed from
+        self._compute_wall = 0.0  # wall time of this update's compute, queueing included
         self.n_samples = int(data.train_y.shape[0])
 
     # ------------------------------------------------------------------ compute
@@ -110,8 +111,10 @@ class Peer:
             t = time.perf_counter()
             return fn(), time.perf_counter() - t
 
+        w = time.perf_counter()
         out, d = await loop.run_in_executor(self.executor, timed)
         self.state.compute_s += d
+        self._compute_wall += time.perf_counter() - w
         return out
 
     def _train_and_validate(self) -> dict[str, float]:
@@ -238,15 +241,16 @@ class Peer:
                 break
             if deadline is not None and time.time() >= deadline:
                 break
-            t = time.perf_counter()
+            self._compute_wall = 0.0
             event = await self.step()
             if on_event is not None:
                 on_event(event)
             if s.speed > 1.0:
-                # A slow peer's update takes `speed` times as long as it would here: it idles
-                # (speed - 1) x the wall time of the update (its queueing for the shared
-                # compute thread included, so the factor holds however many peers share it).
-                await asyncio.sleep((s.speed - 1.0) * (time.perf_counter() - t))
+                # Slow hardware: this update's compute takes `speed` times as long. The peer
+                # idles (speed - 1) x the wall time its compute took, queueing for the shared
+                # compute thread included (so the factor holds however many peers share it);
+                # time spent waiting on the network is not multiplied.
+                await asyncio.sleep((s.speed - 1.0) * self._compute_wall)
 
     async def finish(self) -> dict[str, Any]:
         """Final evaluation (best-validation checkpoint and final model); write the result."""

@@ -267,7 +267,16 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
     if st.get("age_s_p50") is not None:
         lines.append(
             f"pulled models: age p50 {st['age_s_p50']:.2g} s, p99 {st['age_s_p99']:.2g} s · "
-            f"lag p50 {st['lag_p50']:g}, p99 {st['lag_p99']:g}"
+            f"lag p50 {st['lag_p50']:.3g}, p99 {st['lag_p99']:.3g} steps"
+        )
+    ln = summary.get("links")
+    if ln and ln.get("messages"):
+        mean = ln.get("delay_mean_ms")
+        lines.append(
+            f"links: {ln['messages']} messages, {ln['dropped']} lost, {ln['partitioned']} cut by partitions, "
+            f"{ln['duplicated']} duplicated · delay mean {mean:.3g} ms, p99 {ln.get('delay_p99_ms') or 0:.3g} ms"
+            if mean is not None else f"links: {ln['messages']} messages, {ln['dropped']} lost, "
+            f"{ln['partitioned']} cut by partitions"
         )
     failed = summary.get("failed_peers") or []
     if failed:
