@@ -170,3 +170,15 @@ def sctx():
         yield ctx
     finally:
         ctx.destroy(linger=0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():  # type: ignore[no-untyped-def]
+    """Small tensors on a shared 2-core machine: extra torch threads only contend.
+    (Runs set their own threads per process; this keeps in-process tests comparable.)"""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

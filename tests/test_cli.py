@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from _helpers import to_toml, toml_value  # noqa: F401
 import typer.main
 from typer.testing import CliRunner
 
@@ -80,32 +82,6 @@ def invoke(*args: str, via: str, cwd: Path) -> Outcome:
         os.chdir(old)
     assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
     return Outcome(r.exit_code, r.stdout, r.stderr)
-
-
-def toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    raise TypeError(type(v))
-
-
-def to_toml(d: dict[str, Any]) -> str:
-    """Top-level keys, then one ``[table]`` per dict value, then ``[[array]]`` tables."""
-    lines = [f"{k} = {toml_value(v)}" for k, v in d.items() if not isinstance(v, dict)
-             and not (isinstance(v, list) and v and isinstance(v[0], dict))]
-    for k, v in d.items():
-        if isinstance(v, dict):
-            lines += ["", f"[{k}]"] + [f"{kk} = {toml_value(vv)}" for kk, vv in v.items()]
-    for k, v in d.items():
-        if isinstance(v, list) and v and isinstance(v[0], dict):
-            for item in v:
-                lines += ["", f"[[{k}]]"] + [f"{kk} = {toml_value(vv)}" for kk, vv in item.items()]
-    return "\n".join(lines) + "\n"
 
 
 def tiny_experiment(**over: Any) -> dict[str, Any]:

@@ -31,13 +31,6 @@ from zmqgossip.data import (
 # --------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():  # type: ignore[no-untyped-def]
-    """Small tensors on a shared 2-core machine: extra torch threads only contend."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

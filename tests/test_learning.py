@@ -13,13 +13,6 @@ from zmqgossip.learning import Checkpoint, accuracy, evaluate, mean_loss, train,
 from zmqgossip.models import build_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():  # type: ignore[no-untyped-def]
-    """Small tensors on a shared 2-core machine: extra torch threads only contend."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,6 @@ import torch
 from zmqgossip.models import CNN28, CNN32, MLP, build_model, count_parameters, default_model_for
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():  # type: ignore[no-untyped-def]
-    """Small tensors on a shared 2-core machine: extra torch threads only contend."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_parameter_counts() -> None:
