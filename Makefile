@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
+	rm -rf runs/label-digits
 	$(BIN)/zmqgossip run label-digits --out runs/label-digits
 
 test: $(STAMP)
