@@ -36,7 +36,6 @@ import cProfile
 import io
 import os
 import pstats
-import sys
 import tempfile
 import time
 from dataclasses import dataclass

@@ -35,7 +35,7 @@ import zmq.asyncio
 from _common import MB, MODELS, environment, json_line, median, pct, state_bytes, table
 
 from zmqgossip import wire
-from zmqgossip.transport import Transport, TransportConfig, ipc_dir, make_directory
+from zmqgossip.transport import Transport, TransportConfig, ipc_dir
 from zmqgossip.wire import ModelPayload
 
 SERVER, CLIENT = 1, 0

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import sys
+from pathlib import Path
 from typing import Any
 
 
@@ -32,3 +36,14 @@ def to_toml(d: dict[str, Any]) -> str:
             for item in v:
                 lines += ["", f"[[{k}]]"] + [f"{kk} = {toml_value(vv)}" for kk, vv in item.items()]
     return "\n".join(lines) + "\n"
+
+
+def zmqgossip_cmd() -> list[str]:
+    """The installed console script when there is one, else the app through this Python."""
+    script = Path(sys.executable).parent / "zmqgossip"
+    if script.is_file() and os.access(script, os.X_OK):
+        return [str(script)]
+    found = shutil.which("zmqgossip")
+    if found:
+        return [found]
+    return [sys.executable, "-c", "from zmqgossip.cli import app; app()"]

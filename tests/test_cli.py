@@ -11,16 +11,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from _helpers import to_toml, toml_value  # noqa: F401
+from _helpers import to_toml, toml_value, zmqgossip_cmd  # noqa: F401
 import typer.main
 from typer.testing import CliRunner
 
@@ -41,17 +39,6 @@ SUMMARY_KEYS = {
 
 
 # ------------------------------------------------------------------ helpers
-
-
-def zmqgossip_cmd() -> list[str]:
-    """The installed console script when there is one, else the app through this Python."""
-    script = Path(sys.executable).parent / "zmqgossip"
-    if script.is_file() and os.access(script, os.X_OK):
-        return [str(script)]
-    found = shutil.which("zmqgossip")
-    if found:
-        return [found]
-    return [sys.executable, "-c", "from zmqgossip.cli import app; app()"]
 
 
 def cli(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:

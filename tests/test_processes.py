@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from _helpers import to_toml, toml_value  # noqa: F401
+from _helpers import to_toml, toml_value, zmqgossip_cmd  # noqa: F401
 
 from zmqgossip.metrics import RunDir
 from zmqgossip.transport import free_tcp_ports
@@ -31,17 +29,6 @@ RUN_TIMEOUT_S = 150  # a hung run fails the test instead of the suite
 
 
 # ------------------------------------------------------------------ helpers
-
-
-def zmqgossip_cmd() -> list[str]:
-    """The installed console script when there is one, else the app through this Python."""
-    script = Path(sys.executable).parent / "zmqgossip"
-    if script.is_file() and os.access(script, os.X_OK):
-        return [str(script)]
-    found = shutil.which("zmqgossip")
-    if found:
-        return [found]
-    return [sys.executable, "-c", "from zmqgossip.cli import app; app()"]
 
 
 ENV = {**os.environ, "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
