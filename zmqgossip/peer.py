@@ -12,6 +12,7 @@ GIL in its kernels.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -187,23 +188,32 @@ class Peer:
         ages, lags = _staleness(replies, step)
         nbytes = sum(r.nbytes for r in replies)
         scoring = self.policy.scores_models and bool(replies)
-        losses = await self._compute(lambda: self._score(replies)) if scoring else [None] * len(replies)
         # A sender's n_samples is its own claim: capped, so no one peer can swamp the mix.
         cap = max(1, int(self.settings.max_sample_ratio * self.n_samples))
-        pulled = [
-            Pulled(r.peer, min(r.message.n_samples, cap), loss, r.message.scores)  # type: ignore[union-attr]
-            for r, loss in zip(replies, losses)
-        ]
-        self.policy.update(pulled)
-        weights = self.policy.mix_weights(self.n_samples, pulled)
-        stats = await self._compute(lambda: self._aggregate_train(replies, weights))
-        del replies, results  # release the received frames before publishing
-        self.state.step = step + 1
+        test_due = bool(self.settings.test_every) and (step + 1) % self.settings.test_every == 0
+
+        def update(replies: list[PullResult]) -> tuple[list[Pulled], list[float], dict[str, float], float | None, ModelPayload]:
+            # Score, update the weights, aggregate, train, test and snapshot in one trip
+            # to the compute thread: each hop costs a wake-up of the event loop.
+            losses = self._score(replies) if scoring else [None] * len(replies)
+            pulled = [
+                Pulled(r.peer, min(r.message.n_samples, cap), loss, r.message.scores)  # type: ignore[union-attr]
+                for r, loss in zip(replies, losses)
+            ]
+            self.policy.update(pulled)
+            weights = self.policy.mix_weights(self.n_samples, pulled)
+            stats = self._aggregate_train(replies, weights)
+            self.state.step = step + 1
+            test_acc = self._test() if test_due else None
+            return pulled, weights, stats, test_acc, self._snapshot()
+
+        pulled, weights, stats, test_acc, payload = await self._compute(functools.partial(update, replies))
+        del replies, results  # release the received frames
         self.state.last_val_acc = stats["val_acc"]
-        test_acc = None
-        if self.settings.test_every and self.state.step % self.settings.test_every == 0:
-            test_acc = self.state.last_test_acc = await self._compute(self._test)
-        await self.publish()
+        if test_acc is not None:
+            self.state.last_test_acc = test_acc
+        self.state.version = payload.version
+        self.transport.publish(payload)
         self.state.bytes_pulled += nbytes
         now = time.time()
         event = {
@@ -227,7 +237,8 @@ class Peer:
         self.transport.status["step"] = self.state.step
         ck = self._maybe_checkpoint()
         if ck is not None:
-            await self._compute(lambda: self.save(ck))
+            counters = self.transport.counters.as_dict()  # read here: the loop thread updates them
+            await self._compute(lambda: self.save(ck, counters))
         return event
 
     async def run(
@@ -266,14 +277,18 @@ class Peer:
         if self.state.status != "killed":
             self.state.status = "done"
         if self.settings.checkpoint_every:
-            await self._compute(lambda: self.save(self.checkpoint_path))
+            counters = self.transport.counters.as_dict()
+            await self._compute(lambda: self.save(self.checkpoint_path, counters))
         result = self.result(test_acc=best_acc, final_test_acc=final_acc)
         self.run_dir.write_result(self.id, result)
         return result
 
     # ------------------------------------------------------------------ checkpoints
-    def save(self, path: Path) -> None:
-        """Write everything needed to resume this peer (atomic; no pickle)."""
+    def save(self, path: Path, counters: dict[str, Any] | None = None) -> None:
+        """Write everything needed to resume this peer (atomic; no pickle).
+
+        ``counters``: the transport's counters, read on the event loop's thread (the
+        default reads them here, which is only safe when nothing else is running)."""
         tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         if self.checkpoint.best_state is not None:
             tensors.update({f"best.{k}": v for k, v in self.checkpoint.best_state.items()})
@@ -285,7 +300,7 @@ class Peer:
             "best_loss": self.checkpoint.best_loss,
             "best_step": self.checkpoint.best_step,
             "policy": self.policy.state(),
-            "counters": self.transport.counters.as_dict(),
+            "counters": counters if counters is not None else self.transport.counters.as_dict(),
         }
         save_checkpoint(path, tensors, meta)
 
