@@ -139,7 +139,10 @@ class Peer:
         )
 
     async def publish(self) -> None:
-        payload = await self._compute(self._snapshot)
+        self._install(await self._compute(self._snapshot))
+
+    def _install(self, payload: ModelPayload) -> None:
+        """Make ``payload`` the snapshot every later pull is answered with."""
         self.state.version = payload.version
         self.transport.publish(payload)
 
@@ -212,8 +215,7 @@ class Peer:
         self.state.last_val_acc = stats["val_acc"]
         if test_acc is not None:
             self.state.last_test_acc = test_acc
-        self.state.version = payload.version
-        self.transport.publish(payload)
+        self._install(payload)
         self.state.bytes_pulled += nbytes
         now = time.time()
         event = {

@@ -40,7 +40,7 @@ from .wire import Limits, schema_of
 
 EventHook = Callable[[dict[str, Any]], None]
 
-def make_shift(cfg: ExperimentConfig) -> Any:
+def make_shift(cfg: ExperimentConfig, num_classes: int) -> LabelShift | LabelPermutation | Rotation:
     """The partitioner a config describes (paper defaults where fractions are omitted)."""
     d = cfg.data
     if d.shift == "label":
@@ -48,7 +48,7 @@ def make_shift(cfg: ExperimentConfig) -> Any:
         return LabelShift(d.groups, fr)
     if d.shift == "label-random":
         fr = d.fractions or [1.0 / d.clusters] * d.clusters
-        return ("random", fr)  # needs the data set's class count: resolved in build_partition
+        return LabelShift.random_groups(len(fr), d.classes_per_cluster, num_classes, fractions=fr, seed=cfg.seed)
     if d.shift == "label-permutation":
         fr = d.fractions or [1.0 / d.clusters] * d.clusters
         return LabelPermutation(fr, seed=cfg.seed, allow_overlap=d.allow_overlap)
@@ -60,11 +60,7 @@ def build_partition(cfg: ExperimentConfig) -> Partition:
     """Load the data and split it over the peers; deterministic in ``cfg.seed``."""
     d = cfg.data
     data = load_dataset(d.dataset, d.root, test_per_class=d.test_per_class, seed=cfg.seed)
-    shift = make_shift(cfg)
-    if isinstance(shift, tuple):
-        fr = shift[1]
-        shift = LabelShift.random_groups(len(fr), d.classes_per_cluster, data.num_classes, fractions=fr, seed=cfg.seed)
-    return shift.split(data, cfg.peers, d.n_train, d.n_val, seed=cfg.seed)
+    return make_shift(cfg, data.num_classes).split(data, cfg.peers, d.n_train, d.n_val, seed=cfg.seed)
 
 
 def model_name(cfg: ExperimentConfig, part: Partition) -> str:
