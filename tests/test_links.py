@@ -346,11 +346,17 @@ def test_killed_peers_stop_answering_and_the_rest_finish(tmp_path):
                   links={"scenario": [{"at_s": kill_at, "action": "kill", "peers": victims}]})
     s = runner.run_local(cfg, tmp_path)
     rd = RunDir(tmp_path)
+    # The kill takes effect when the event loop gets to it, late on a busy machine: the
+    # summary's scenario log says when.  No pull that starts after it may reach a victim
+    # (one already answered may still be read a moment later by a busy puller).
+    [applied] = s["scenario"]
+    assert applied["action"] == "kill" and applied["here"] == victims and applied["applied_s"] >= kill_at
+    killed_at = applied["applied_s"]
     pulls = pulls_of(rd, 10)
-    late_ok = [(i, j, end) for i, j, _, end in pulls if j in victims and end > kill_at + 0.05]
+    late_ok = [(i, j, start) for i, j, start, _ in pulls if j in victims and start > killed_at]
     early_ok = [(i, j) for i, j, _, end in pulls if j in victims and end < kill_at]
     failed_at_victims = [why for i in range(10) if i not in victims for e in rd.events(i)
-                         if e["t"] > kill_at + 0.5 for j, why in e["failed"].items() if int(j) in victims]
+                         if e["t"] > killed_at + 0.5 for j, why in e["failed"].items() if int(j) in victims]
     print(f"pulls of the victims before the kill {len(early_ok)}, after {len(late_ok)}; "
           f"failed pulls of them later: {len(failed_at_victims)}")
     assert early_ok and not late_ok
@@ -358,7 +364,7 @@ def test_killed_peers_stop_answering_and_the_rest_finish(tmp_path):
     for pid, r in rd.results().items():
         evs = rd.events(pid)
         if pid in victims:
-            assert r["status"] == "killed" and evs[-1]["t"] < kill_at + 1.0  # stopped after the update in progress
+            assert r["status"] == "killed" and evs[-1]["t"] < killed_at + 1.0  # stopped after the update in progress
         else:
             assert r["status"] == "done" and evs[-1]["t"] > cfg.seconds - 1.0
     assert s["failed_peers"] == victims

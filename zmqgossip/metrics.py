@@ -261,6 +261,7 @@ def summarize(run: RunDir, *, wall_s: float | None = None, extra: Mapping[str, A
         "resumed": {str(i): r["resumed_from"] for i, r in sorted(results.items()) if r.get("resumed_from") is not None},
         "staleness": _staleness(events),
         "links": _link_stats(run.root),
+        "scenario": _scenario_log(run.root),
     }
     if extra:
         summary.update(extra)
@@ -273,6 +274,16 @@ def _staleness(events: Mapping[int, Iterable[Mapping]]) -> dict[str, float | Non
     lags = [a for evs in events.values() for e in evs for a in e.get("lag", ()) if a is not None]
     q = lambda v, p: float(np.percentile(v, p)) if v else None  # noqa: E731
     return {"age_s_p50": q(ages, 50), "age_s_p99": q(ages, 99), "lag_p50": q(lags, 50), "lag_p99": q(lags, 99)}
+
+
+def _scenario_log(root: Path) -> list[dict] | None:
+    """The scenario events as applied (each process logs those it applied to its peers),
+    in order of when they took effect."""
+    entries = []
+    for p in sorted(root.glob("scenario-*.json")):
+        with open(p) as f:
+            entries.extend(json.load(f))
+    return sorted(entries, key=lambda e: e["applied_s"]) if entries else None
 
 
 def _link_stats(root: Path) -> dict[str, Any] | None:

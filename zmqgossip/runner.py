@@ -253,6 +253,8 @@ async def host_peers(
                 run.write_result(p.id, p.result())
         if links is not None:
             write_json_atomic(run.root / f"links-{min(ids)}.json", links.stats.as_dict())
+        if scenario.applied:
+            write_json_atomic(run.root / f"scenario-{min(ids)}.json", scenario.applied)
         await hosted.close()
     return results
 
@@ -284,6 +286,9 @@ class Scenario:
         self.stop = stop
         self.events = sorted(cfg.links.scenario, key=_when)
         self.tasks: dict[int, asyncio.Task] = {}
+        # What was applied and when: a busy event loop applies an event late, and the
+        # run's record must say when peers really died or healed, not when they were due.
+        self.applied: list[dict] = []
 
     async def start(self, p: Peer) -> None:
         """Bind, warm up, publish: the peer is then ready to be pulled."""
@@ -309,6 +314,9 @@ class Scenario:
         return p is not None and p.state.status == "running"
 
     async def apply(self, e: ScenarioEvent) -> None:
+        t0 = min((p.t0 for p in self.peers.values()), default=time.time())
+        self.applied.append({"action": e.action, "peers": list(e.peers), "at_s": e.at_s, "at_round": e.at_round,
+                             "applied_s": time.time() - t0, "here": sorted(set(e.peers) & set(self.peers))})
         if e.action == "partition" and self.links is not None:
             self.links.partition(e.groups)
         elif e.action == "heal" and self.links is not None:
