@@ -184,6 +184,37 @@ def test_async_slow_peer_finishes_and_its_models_are_stale(tmp_path):
     assert np.mean(age_slow) > np.mean(age_fast)
 
 
+def _max_in_flight(rd: RunDir, peers: int) -> int:
+    """Most peers at once between the start of an update (its pull) and its end."""
+    marks = []
+    for pid in range(peers):
+        for e in rd.events(pid):
+            marks += [(e["t"] - e["dt"], 1), (e["t"], -1)]
+    depth = most = 0
+    for _, d in sorted(marks, key=lambda m: (m[0], m[1])):  # an end before a start at the same time
+        depth += d
+        most = max(most, depth)
+    return most
+
+
+@pytest.mark.parametrize("pull_ahead", [0, 1, 100])
+def test_async_peers_of_a_process_take_turns_to_pull_and_compute(tmp_path, pull_ahead):
+    """With one compute thread per process, at most 1 + pull_ahead peers are between their
+    pull and the end of their update, so a peer computes on models pulled just before (not
+    a round earlier, behind a queue of every other peer); a large pull_ahead lets all pull
+    at once. Seen: 1, 2 and 10 (of 10 peers) in flight."""
+    peers = 10
+    cfg = make_cfg("dac", peers=peers, rounds=6, schedule="async", n_train=30, compute={"pull_ahead": pull_ahead})
+    s = run(cfg, tmp_path)
+    assert s["failed_peers"] == [] and s["peer_rounds"] == peers * 6
+    most = _max_in_flight(RunDir(tmp_path), peers)
+    print(f"pull_ahead {pull_ahead}: at most {most} of {peers} peers in flight")
+    if pull_ahead < peers:
+        assert most <= 1 + pull_ahead
+    else:
+        assert most >= peers // 2
+
+
 def _tiny_async_cfg(**kw) -> config.ExperimentConfig:
     return make_cfg("dac", peers=8, rounds=kw.pop("rounds", 6), schedule="async", n_train=30, **kw)
 

@@ -118,6 +118,9 @@ class ComputeConfig(_Strict):
     processes: int = Field(1, ge=1, le=4096, description="worker processes hosting the peers")
     slow_peers: list[int] = Field([], description="peer ids that compute slower")
     slow_factor: float = Field(5.0, ge=1.0, le=1e6, description="how much slower the slow peers are")
+    pull_ahead: int = Field(1, ge=0, le=100_000, description=(
+        "async: updates per process that may pull while another computes (0: pull only when the "
+        "compute thread is free; more hides network latency, but pulled models wait longer)"))
 
 
 class ExperimentConfig(_Strict):

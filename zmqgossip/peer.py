@@ -83,6 +83,7 @@ class Peer:
         *,
         seed: int,
         t0: float,
+        turns: asyncio.Semaphore | None = None,
     ) -> None:
         self.id = pid
         self.data = data
@@ -93,6 +94,11 @@ class Peer:
         self.settings = settings
         self.run_dir = run
         self.executor = executor
+        # Async only: the peers of one process take turns to pull and compute. Without it all
+        # of them pull at once and then queue for the one compute thread, so each computes
+        # on models pulled about a round earlier: staleness that real peers, each with its
+        # own processor, never see. None: no limit.
+        self.turns = turns
         self.t0 = t0
         self.generator = torch.Generator().manual_seed(seed)
         self.checkpoint = learning.Checkpoint()
@@ -255,7 +261,11 @@ class Peer:
             if deadline is not None and time.time() >= deadline:
                 break
             self._compute_wall = 0.0
-            event = await self.step()
+            if self.turns is None:
+                event = await self.step()
+            else:
+                async with self.turns:
+                    event = await self.step()
             if on_event is not None:
                 on_event(event)
             if s.speed > 1.0:

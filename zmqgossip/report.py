@@ -642,7 +642,7 @@ def _compare_rows(run_dirs: Sequence[str | Path]) -> tuple[list[str], list[list[
                 name = str((cl[cid] or {}).get("name", cid))
                 if name not in cluster_names:
                     cluster_names.append(name)
-    header = ["run", *cluster_names, "mean", "within (last 20%)"]
+    header = ["run", *cluster_names, "mean", "within (all)", "within (last 20%)"]
     rows = []
     for g in groups:
         row = [g.label]
@@ -654,6 +654,7 @@ def _compare_rows(run_dirs: Sequence[str | Path]) -> tuple[list[str], list[list[
                 vals.append(_get(r.summary, "test_acc", "per_cluster", ids[0]) if ids else None)
             row.append(_cell(vals))
         row.append(_cell(_get(r.summary, "test_acc", "mean") for r in g.runs))
+        row.append(_cell(_get(r.summary, "within_cluster_pull_fraction", "all") for r in g.runs))
         row.append(_cell(_get(r.summary, "within_cluster_pull_fraction", "last_20pct") for r in g.runs))
         rows.append(row)
     return header, rows
@@ -662,7 +663,8 @@ def _compare_rows(run_dirs: Sequence[str | Path]) -> tuple[list[str], list[list[
 _COMPARE_NOTE = (
     "Test accuracy (%) of each peer's best-validation checkpoint, averaged per true cluster "
     "and over all peers; within: share (%) of successful pulls inside the "
-    "puller's true cluster over the last 20% of steps. a ± b: mean ± sample std over seeds."
+    "puller's true cluster, over all steps and over the last 20% of steps. "
+    "a ± b: mean ± sample std over seeds."
 )
 
 
@@ -689,9 +691,13 @@ def compare_markdown(run_dirs: Sequence[str | Path]) -> str:
     return "\n".join(lines) + "\n\n" + _COMPARE_NOTE + "\n"
 
 
-def plot_compare(run_dirs: Sequence[str | Path], path: str | Path) -> Path:
-    """Mean validation accuracy (over peers) per step, one line per row of the compare
-    table: a run, or the mean of its seeds with a ± std band."""
+def plot_compare(run_dirs: Sequence[str | Path], path: str | Path, *, metric: str = "val_acc") -> Path:
+    """One line per row of the compare table (a run, or the mean of its seeds with a ± std
+    band) over steps: ``metric="val_acc"`` the mean validation accuracy over peers,
+    ``metric="within"`` the share of that step's pulls inside the puller's true cluster
+    (rows with no pulls, like the local method, have no line)."""
+    if metric not in ("val_acc", "within"):
+        raise ValueError(f"metric must be 'val_acc' or 'within', got {metric!r}")
     fig = _new_figure(8, 4.8)
     ax = fig.add_subplot()
     groups = _groups(run_dirs)
@@ -699,7 +705,11 @@ def plot_compare(run_dirs: Sequence[str | Path], path: str | Path) -> Path:
     for k, g in enumerate(groups):
         curves = []
         for r in g.runs:
-            s, m, _ = _by_step(load_events(r.path).values(), "val_acc")
+            if metric == "within":
+                clusters, _ = load_clusters(r.path)
+                s, m = _within_by_step(load_events(r.path), clusters)
+            else:
+                s, m, _ = _by_step(load_events(r.path).values(), "val_acc")
             curves.append(dict(zip(s.tolist(), m.tolist())))
         steps = sorted(set().union(*curves))
         if not steps:
@@ -711,10 +721,14 @@ def plot_compare(run_dirs: Sequence[str | Path], path: str | Path) -> Path:
             sd = np.array([np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in per])
             ax.fill_between(steps, np.clip(mean - sd, 0, 1), np.clip(mean + sd, 0, 1), color=colors[k], alpha=0.15, lw=0)
     ax.set_xlabel("step (updates of each peer)")
-    ax.set_ylabel("validation accuracy (mean over peers)")
+    if metric == "within":
+        ax.set_ylabel("share of pulls inside the true cluster")
+        ax.set_title("Within-cluster pull fraction over steps")
+    else:
+        ax.set_ylabel("validation accuracy (mean over peers)")
+        ax.set_title("Validation accuracy over steps")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
-    ax.set_title("Validation accuracy over steps")
     ax.legend(loc="lower right", fontsize="small")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

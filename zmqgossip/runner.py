@@ -121,6 +121,7 @@ def build_peers(
     ctx = zmq.asyncio.Context()
     preflight(ctx, len(ids), cfg.network.pool_size, cfg.network.transport, secure=keyring is not None)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+    turns = asyncio.Semaphore(1 + cfg.compute.pull_ahead)  # one computes, pull_ahead pull meanwhile
     name = model_name(cfg, part)
     clusters = {i: c for i, c in enumerate(part.clusters)}
     all_ids = list(range(cfg.peers))
@@ -141,7 +142,7 @@ def build_peers(
                               security=keyring.for_peer(pid) if keyring is not None else None)
         peers[pid] = Peer(
             pid, part.clients[pid], model, scratch, policy, transport, peer_settings(cfg, pid), run, executor,
-            seed=cfg.seed * 1_000_003 + pid, t0=t0,
+            seed=cfg.seed * 1_000_003 + pid, t0=t0, turns=turns,
         )
     return Hosted(peers, ctx, executor)
 

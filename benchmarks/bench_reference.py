@@ -1,0 +1,129 @@
+"""Client-rounds per second on the reference code's setting (``ref-covariate-mnist``).
+
+The DAC paper's reference code, run on this kind of machine on this setting (20 clients,
+CNN28, E=3, batch 8, n=3, 20 rounds), does 4.9 client-rounds/s (4.05 s per round; figure
+from the issue, measured once with that code: it is not in this repository). This script
+runs the real CLI on the same setting:
+
+* ``sequential``, one process: the reference code's schedule (serial by definition);
+* ``async --processes 2``: every peer free, the peers split over two worker processes;
+
+and, in the same run, the pure arithmetic of one client-round on one core (score n pulled
+models, E epochs of forward+backward+Adam at batch 8, validate, test every k rounds) with
+no peers, no sockets and no files: the compute limit of this machine at this moment
+(``cores / seconds per client-round``). It prints client-rounds/s (steady: from the
+first update to the last, from the event files), its ratio to the reference's 4.9 and to
+the compute limit, and each run's per-cluster accuracy (a speed-up must not come from
+doing less; async accuracy should stay within the seed spread of sequential runs).
+
+Run: ``python benchmarks/bench_reference.py [--quick] [--rounds 20] [--skip-sequential]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import environment, json_line, table  # noqa: E402
+from bench_processes import load1, one_run  # noqa: E402
+
+REFERENCE_RATE = 4.9  # client-rounds/s of the paper's code on this setting (the issue's anchor)
+
+
+def compute_limit(preset: str, overrides: list[str], reps: int) -> float:
+    """Seconds of one client-round's arithmetic on one core, this preset's sizes."""
+    import torch
+
+    from zmqgossip import config, learning
+    from zmqgossip.models import build_model
+    from zmqgossip.runner import build_partition, model_name
+
+    torch.set_num_threads(1)
+    cfg = config.load(preset, overrides)
+    part = build_partition(cfg)
+    d = part.clients[0]
+    name = model_name(cfg, part)
+    model, scratch = (build_model(name, part.input_shape, part.num_classes) for _ in range(2))
+    others = [build_model(name, part.input_shape, part.num_classes).state_dict() for _ in range(cfg.policy.n)]
+    g = torch.Generator().manual_seed(0)
+
+    def client_round(test: bool) -> None:
+        for s in others:
+            scratch.load_state_dict(s)
+            learning.mean_loss(scratch, d.train_x, d.train_y)
+        learning.train(model, d.train_x, d.train_y, epochs=cfg.train.epochs, batch_size=cfg.train.batch_size,
+                       lr=cfg.train.lr, generator=g)
+        learning.evaluate(model, d.val_x, d.val_y)
+        if test:
+            learning.accuracy(model, d.test_x, d.test_y)
+
+    every = cfg.train.test_every or cfg.rounds
+    client_round(True)  # warm the allocator and oneDNN's kernels
+    t = time.perf_counter()
+    for k in range(reps):
+        client_round(k % every == 0)
+    return (time.perf_counter() - t) / reps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("--quick", action="store_true", help="4 rounds of a shrunk setting: checks the script, not the speed")
+    ap.add_argument("--preset", default="ref-covariate-mnist")
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--skip-sequential", action="store_true", help="only the async run")
+    args = ap.parse_args()
+    overrides = [f"rounds={args.rounds}"]
+    if args.quick:
+        overrides = ["rounds=4", "peers=8", "data.n_train=20", "data.n_val=10", "data.test_per_class=5"]
+    extra = [a for o in overrides[1:] for a in ("--set", o)]
+    rounds = int(overrides[0].split("=")[1])
+    env = environment()
+    print(f"bench_reference: {args.preset}, {overrides}, {env['cpus']} cpus, torch {env['torch']}, "
+          f"load {load1():.2f}", flush=True)
+
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="bench-ref-") as tmp:
+        per_round = compute_limit(args.preset, overrides, reps=5 if args.quick else 20)
+        plan = [] if args.skip_sequential else [("sequential", 1)]
+        plan.append(("async", 2))
+        for schedule, procs in plan:
+            r = one_run(args.preset, rounds, procs, Path(tmp) / f"{schedule}-{procs}", ["--schedule", schedule, *extra])
+            r["schedule"] = schedule
+            runs.append(r)
+            print(f"  {schedule}, {procs} process(es): {r['peer_rounds']} client-rounds, steady {r['steady_rate']:.2f}/s, "
+                  f"wall {r['wall_s']:.1f} s, other jobs {r.get('cores_others', float('nan')):.2f} cores", flush=True)
+        per_round_after = compute_limit(args.preset, overrides, reps=5 if args.quick else 20)
+    # The machine is shared and noisy: the limit is the faster of the two measurements.
+    per_round = min(per_round, per_round_after)
+    clusters = sorted(runs[0]["acc"])
+    headers = ["schedule", "processes", "client-rounds/s", "x reference 4.9", "x compute limit",
+               *[f"acc c{c}" for c in clusters], "other jobs (cores)"]
+    rows = []
+    for r in runs:
+        cores = r["processes"]
+        limit = min(cores, env["cpus"] or cores) / per_round
+        r["limit_rate"] = limit
+        rows.append([r["schedule"], cores, r["steady_rate"], r["steady_rate"] / REFERENCE_RATE, r["steady_rate"] / limit,
+                     *[f"{100 * r['acc'][c]:.1f}%" for c in clusters], r.get("cores_others")])
+    print()
+    print(table(headers, [[("-" if v is None else v) for v in row] for row in rows]))
+    print(f"compute limit: one client-round's arithmetic takes {1e3 * per_round:.0f} ms on one core here now "
+          f"({1 / per_round:.2f}/s per core); the reference's 4.9/s is a fixed figure from the issue")
+    json_line("reference", {
+        "preset": args.preset,
+        "quick": args.quick,
+        "client_round_compute_ms": round(1e3 * per_round, 1),
+        "runs": [{"schedule": r["schedule"], "processes": r["processes"], "rate": round(r["steady_rate"], 3),
+                  "x_reference": round(r["steady_rate"] / REFERENCE_RATE, 3),
+                  "x_compute_limit": round(r["steady_rate"] / r["limit_rate"], 3),
+                  "acc": r["acc"], "other_jobs_cores": r.get("cores_others")} for r in runs],
+        "cpus": env["cpus"],
+    })
+
+
+if __name__ == "__main__":
+    main()
