@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import pickle
 import shutil
+import struct
 import sys
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 
 def toml_value(v: Any) -> str:
@@ -47,3 +52,51 @@ def zmqgossip_cmd() -> list[str]:
     if found:
         return [found]
     return [sys.executable, "-c", "from zmqgossip.cli import app; app()"]
+
+
+# Data files in the real formats (tests write them; nothing is downloaded).
+
+
+def idx_bytes(arr: np.ndarray) -> bytes:
+    head = struct.pack(">HBB", 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    return head + arr.astype(np.uint8).tobytes()
+
+
+def write_idx_set(folder: Path, n_train: int, n_test: int, gz: bool, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28)),
+        "train-labels-idx1-ubyte": np.arange(n_train) % 10,
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28)),
+        "t10k-labels-idx1-ubyte": np.arange(n_test) % 10,
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, arr in arrays.items():
+        raw = idx_bytes(arr)
+        if gz:
+            (folder / (name + ".gz")).write_bytes(gzip.compress(raw))
+        else:
+            (folder / name).write_bytes(raw)
+    return arrays
+
+
+def cifar_batch(n: int, seed: int) -> dict[bytes, object]:
+    rng = np.random.default_rng(seed)
+    return {
+        b"batch_label": b"testing",
+        b"labels": [int(v) for v in np.arange(n) % 10],
+        b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+        b"filenames": [b"x.png"] * n,
+    }
+
+
+def write_cifar(folder: Path, n: int = 20, protocol: int = 2) -> dict[str, dict[bytes, object]]:
+    folder.mkdir(parents=True, exist_ok=True)
+    batches = {f"data_batch_{i}": cifar_batch(n, i) for i in range(1, 6)}
+    batches["test_batch"] = cifar_batch(n, 9)
+    for name, obj in batches.items():
+        raw = pickle.dumps(obj, protocol=protocol)
+        # What the real (numpy 1.x era) files name; numpy 2 writes numpy._core.
+        raw = raw.replace(b"numpy._core.multiarray\n_reconstruct", b"numpy.core.multiarray\n_reconstruct")
+        (folder / name).write_bytes(raw)
+    return batches

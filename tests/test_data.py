@@ -14,6 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from _helpers import cifar_batch, idx_bytes, write_cifar, write_idx_set  # noqa: E402
 from zmqgossip.data import (
     BALANCED_ROTATION,
     PAPER_LABEL_SHIFT,
@@ -87,32 +88,9 @@ def test_unknown_name_and_bad_arguments(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------- IDX files
 
 
-def _idx_bytes(arr: np.ndarray) -> bytes:
-    head = struct.pack(">HBB", 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
-    return head + arr.astype(np.uint8).tobytes()
-
-
-def _write_idx_set(folder: Path, n_train: int, n_test: int, gz: bool, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    arrays = {
-        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28)),
-        "train-labels-idx1-ubyte": np.arange(n_train) % 10,
-        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28)),
-        "t10k-labels-idx1-ubyte": np.arange(n_test) % 10,
-    }
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, arr in arrays.items():
-        raw = _idx_bytes(arr)
-        if gz:
-            (folder / (name + ".gz")).write_bytes(gzip.compress(raw))
-        else:
-            (folder / name).write_bytes(raw)
-    return arrays
-
-
 @pytest.mark.parametrize("gz", [False, True])
 def test_idx_loader_plain_and_gz(tmp_path: Path, gz: bool) -> None:
-    arrays = _write_idx_set(tmp_path, 30, 20, gz)
+    arrays = write_idx_set(tmp_path, 30, 20, gz)
     d = load_dataset("fashion-mnist", tmp_path)
     assert d.x.shape == (30, 1, 28, 28) and d.test_x is not None and d.test_x.shape == (20, 1, 28, 28)
     raw = arrays["train-images-idx3-ubyte"]
@@ -124,12 +102,12 @@ def test_idx_loader_plain_and_gz(tmp_path: Path, gz: bool) -> None:
 
 
 def test_idx_torchvision_layout(tmp_path: Path) -> None:
-    _write_idx_set(tmp_path / "MNIST" / "raw", 10, 10, gz=True)
+    write_idx_set(tmp_path / "MNIST" / "raw", 10, 10, gz=True)
     assert load_dataset("mnist", tmp_path).x.shape == (10, 1, 28, 28)
 
 
 def test_idx_truncated_bad_magic_missing(tmp_path: Path) -> None:
-    _write_idx_set(tmp_path, 10, 10, gz=False)
+    write_idx_set(tmp_path, 10, 10, gz=False)
     f = tmp_path / "t10k-images-idx3-ubyte"
     f.write_bytes(f.read_bytes()[:-100])
     with pytest.raises(DataError, match="t10k-images-idx3-ubyte.*truncated"):
@@ -143,13 +121,13 @@ def test_idx_truncated_bad_magic_missing(tmp_path: Path) -> None:
 
 
 def test_idx_truncated_gzip_and_label_mismatch(tmp_path: Path) -> None:
-    _write_idx_set(tmp_path, 10, 10, gz=True)
+    write_idx_set(tmp_path, 10, 10, gz=True)
     g = tmp_path / "train-images-idx3-ubyte.gz"
     g.write_bytes(g.read_bytes()[:-30])
     with pytest.raises(DataError, match="train-images-idx3-ubyte.gz"):
         load_dataset("mnist", tmp_path)
-    _write_idx_set(tmp_path, 10, 10, gz=True)
-    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(_idx_bytes(np.zeros(7))))
+    write_idx_set(tmp_path, 10, 10, gz=True)
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(np.zeros(7))))
     with pytest.raises(DataError, match="7 labels for 10 images"):
         load_dataset("mnist", tmp_path)
 
@@ -157,31 +135,9 @@ def test_idx_truncated_gzip_and_label_mismatch(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------- CIFAR-10
 
 
-def _cifar_batch(n: int, seed: int) -> dict[bytes, object]:
-    rng = np.random.default_rng(seed)
-    return {
-        b"batch_label": b"testing",
-        b"labels": [int(v) for v in np.arange(n) % 10],
-        b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-        b"filenames": [b"x.png"] * n,
-    }
-
-
-def _write_cifar(folder: Path, n: int = 20, protocol: int = 2) -> dict[str, dict[bytes, object]]:
-    folder.mkdir(parents=True, exist_ok=True)
-    batches = {f"data_batch_{i}": _cifar_batch(n, i) for i in range(1, 6)}
-    batches["test_batch"] = _cifar_batch(n, 9)
-    for name, obj in batches.items():
-        raw = pickle.dumps(obj, protocol=protocol)
-        # What the real (numpy 1.x era) files name; numpy 2 writes numpy._core.
-        raw = raw.replace(b"numpy._core.multiarray\n_reconstruct", b"numpy.core.multiarray\n_reconstruct")
-        (folder / name).write_bytes(raw)
-    return batches
-
-
 @pytest.mark.parametrize("protocol", [2, 5])
 def test_cifar_loader(tmp_path: Path, protocol: int) -> None:
-    batches = _write_cifar(tmp_path / "cifar-10-batches-py", protocol=protocol)
+    batches = write_cifar(tmp_path / "cifar-10-batches-py", protocol=protocol)
     d = load_dataset("cifar10", tmp_path)
     assert d.x.shape == (100, 3, 32, 32) and d.num_classes == 10
     assert d.test_x is not None and d.test_x.shape == (20, 3, 32, 32)
@@ -206,13 +162,13 @@ class _Evil:
 @pytest.mark.parametrize("how", ["os.system", "builtins.eval"])
 def test_cifar_malicious_pickle_refused(tmp_path: Path, how: str) -> None:
     folder = tmp_path / "cifar-10-batches-py"
-    _write_cifar(folder)
+    write_cifar(folder)
     marker = tmp_path / "pwned"
     if how == "os.system":
         evil = _Evil(os.system, f"touch {marker}")
     else:
         evil = _Evil(eval, f"open({str(marker)!r}, 'w').close()")
-    payload = _cifar_batch(20, 3)
+    payload = cifar_batch(20, 3)
     payload[b"data"] = evil
     (folder / "data_batch_3").write_bytes(pickle.dumps(payload, protocol=2))
     with pytest.raises(DataError, match=r"data_batch_3.*refused global"):
@@ -222,17 +178,17 @@ def test_cifar_malicious_pickle_refused(tmp_path: Path, how: str) -> None:
 
 def test_cifar_bad_shapes_and_missing(tmp_path: Path) -> None:
     folder = tmp_path / "cifar-10-batches-py"
-    _write_cifar(folder)
-    bad = _cifar_batch(20, 1)
+    write_cifar(folder)
+    bad = cifar_batch(20, 1)
     bad[b"data"] = np.zeros((20, 1000), dtype=np.uint8)
     (folder / "data_batch_1").write_bytes(pickle.dumps(bad, protocol=2))
     with pytest.raises(DataError, match=r"data_batch_1.*\(N, 3072\)"):
         load_dataset("cifar10", tmp_path)
-    (folder / "data_batch_1").write_bytes(pickle.dumps(_cifar_batch(20, 1), protocol=2)[:500])
+    (folder / "data_batch_1").write_bytes(pickle.dumps(cifar_batch(20, 1), protocol=2)[:500])
     with pytest.raises(DataError, match="data_batch_1.*(corrupt|truncated)"):
         load_dataset("cifar10", tmp_path)
     (folder / "test_batch").unlink()
-    (folder / "data_batch_1").write_bytes(pickle.dumps(_cifar_batch(20, 1), protocol=2))
+    (folder / "data_batch_1").write_bytes(pickle.dumps(cifar_batch(20, 1), protocol=2))
     with pytest.raises(DataError, match="missing file test_batch"):
         load_dataset("cifar10", tmp_path)
     empty = tmp_path / "empty"
