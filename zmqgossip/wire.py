@@ -20,6 +20,7 @@ received frame, then ``torch.from_numpy``).  Nothing is ever unpickled.
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -64,7 +65,23 @@ _TORCH_TO_WIRE = {tdt: name for name, (tdt, _) in DTYPES.items()}
 _FLOAT_DTYPES = {"float32", "float64", "float16", "bfloat16"}
 
 Frame = Union[bytes, bytearray, memoryview, Any]  # Any: zmq.Frame (buffer protocol)
-Schema = dict[str, tuple[str, tuple[int, ...]]]
+
+
+class Schema(dict[str, tuple[str, tuple[int, ...]]]):
+    """What a receiver expects of a model: tensor name -> (wire dtype, shape), in order.
+
+    It also knows the exact tensor table a matching sender writes, so that decoding the
+    common message (the same model as ours) compares one list instead of validating each
+    entry; any other table takes the full, entry-by-entry validation.
+    """
+
+    @functools.cached_property
+    def entries(self) -> list[tuple[str, str, tuple[int, ...], int]]:
+        return [(k, wd, tuple(shape), math.prod(shape) * DTYPES[wd][1].itemsize) for k, (wd, shape) in self.items()]
+
+    @functools.cached_property
+    def wire_table(self) -> list[list[Any]]:
+        return [[k, wd, list(shape), nb] for k, wd, shape, nb in self.entries]
 
 
 class WireError(Exception):
@@ -131,7 +148,7 @@ class Message:
 
 def schema_of(state: Mapping[str, torch.Tensor]) -> Schema:
     """The receiver-side expectation for a model's tensors: name -> (dtype, shape)."""
-    return {k: (_wire_dtype(v), tuple(v.shape)) for k, v in state.items()}
+    return Schema((k, (_wire_dtype(v), tuple(v.shape))) for k, v in state.items())
 
 
 def _wire_dtype(t: torch.Tensor) -> str:
@@ -363,19 +380,38 @@ def _decode(
         raise WireError("too_large", f"{len(table)} tensors, bound is {limits.max_tensors}")
     if len(frames) != 2 + len(table):
         raise WireError("frames", f"{len(frames) - 2} tensor frames for {len(table)} table entries")
-    entries = [_table_entry(e, limits) for e in table]
+    if isinstance(expect, Schema) and table == expect.wire_table:
+        entries = expect.entries  # the table is exactly our model's: already valid
+    else:
+        entries = [_table_entry(e, limits) for e in table]
+        if expect is not None:
+            _check_schema(entries, expect)
     declared = sum(e[3] for e in entries)
     if declared > limits.max_bytes:
         raise WireError("too_large", f"declared {declared} tensor bytes, bound is {limits.max_bytes}")
-    if expect is not None:
-        _check_schema(entries, expect)
+    check = kind is Kind.MODEL_REPLY and (limits.check_finite or limits.max_abs is not None)
+    bound = math.inf if limits.max_abs is None else limits.max_abs**2
     tensors: dict[str, torch.Tensor] = {}
-    for (name, wd, shape, nb), frame in zip(entries, frames[2:]):
-        if name in tensors:
-            raise WireError("field", f"tensor {name!r:.60} appears twice")
-        tensors[name] = _tensor(name, wd, shape, nb, frame)
-    if kind is Kind.MODEL_REPLY:
-        _check_model_values(tensors, limits)
+    suspects = []
+    with np.errstate(over="ignore", invalid="ignore"):
+        for (name, wd, shape, nb), frame in zip(entries, frames[2:]):
+            if name in tensors:
+                raise WireError("field", f"tensor {name!r:.60} appears twice")
+            flat = _array(name, wd, nb, frame)
+            t = torch.from_numpy(flat.reshape(shape))
+            tensors[name] = t.view(torch.bfloat16) if wd == "bfloat16" else t
+            if not check or not nb or wd not in _FLOAT_DTYPES:
+                continue
+            if wd in ("float32", "float64"):
+                # One dot product answers both questions in the common case: x.x is finite
+                # only if every x is (NaN/Inf propagate), and x.x <= b^2 implies every
+                # |x| <= b. Overflow or a large sum only sends us to the exact look below.
+                q = float(np.dot(flat, flat))
+                if math.isfinite(q) and q <= bound:
+                    continue
+            suspects.append(name)
+    for name in suspects:
+        _check_values(name, tensors[name], limits)
     msg.tensors = tensors
     return msg
 
@@ -430,42 +466,16 @@ def _check_schema(entries: list[tuple[str, str, tuple[int, ...], int]], expect: 
             raise WireError("schema", f"tensor {name!r}: got {wd}{list(shape)}, this model has {ewd}{list(eshape)}")
 
 
-def _tensor(name: str, wd: str, shape: tuple[int, ...], nb: int, frame: Frame) -> torch.Tensor:
+def _array(name: str, wd: str, nb: int, frame: Frame) -> np.ndarray:
+    """The frame's bytes as a flat array of the wire dtype (bfloat16: as uint16), no copy."""
     mv = _buffer(frame)
     if mv.nbytes != nb:
         raise WireError("shape", f"tensor {name!r}: frame has {mv.nbytes} bytes, table says {nb}")
-    tdt, ndt = DTYPES[wd]
     if mv.readonly:
         # bytes objects are read-only; torch wants writable memory. zmq frames
         # received with copy=False are writable, so the hot path never copies.
         mv = memoryview(bytearray(mv))
-    t = torch.from_numpy(np.frombuffer(mv, dtype=ndt).reshape(shape))
-    if wd == "bfloat16":
-        t = t.view(torch.bfloat16)
-    return t
-
-
-def _check_model_values(tensors: Mapping[str, torch.Tensor], limits: Limits) -> None:
-    """Refuse NaN/Inf (and values above ``max_abs``) in a model's float tensors."""
-    if not limits.check_finite and limits.max_abs is None:
-        return
-    bound = math.inf if limits.max_abs is None else limits.max_abs**2
-    suspects = []
-    with np.errstate(over="ignore", invalid="ignore"):
-        for name, t in tensors.items():
-            if not t.is_floating_point() or not t.numel():
-                continue
-            if t.dtype in (torch.float32, torch.float64):
-                # One dot product answers both questions in the common case: x.x is finite
-                # only if every x is (NaN/Inf propagate), and x.x <= b^2 implies every
-                # |x| <= b. Overflow or a large sum only sends us to the exact look below.
-                a = t.numpy().reshape(-1)
-                q = float(np.dot(a, a))
-                if math.isfinite(q) and q <= bound:
-                    continue
-            suspects.append((name, t))
-    for name, t in suspects:
-        _check_values(name, t, limits)
+    return np.frombuffer(mv, dtype=DTYPES[wd][1])
 
 
 def _check_values(name: str, t: torch.Tensor, limits: Limits) -> None:
