@@ -245,9 +245,9 @@ def main() -> None:
             doc += [f"## {setting.name}: {cond.name}", "",
                     f"{cond.about[0].upper()}{cond.about[1:]}. Each row: `{cmd}` for S in {seeds} "
                     f"({len(jobs)} runs, {times[key] / 60:.1f} min here, {args.parallel} at a time); the table is "
-                    f"`zmqgossip compare RUN_DIRS --markdown`. `dac-var+sim` is `--method dac-var "
+                    "`zmqgossip compare RUN_DIRS --markdown`. `dac-var+sim` is `--method dac-var "
                     "--set policy.similarity_weighted=true`.", "",
-                    *([f"Beside the faithful methods, documented options: "
+                    *(["Beside the faithful methods, documented options: "
                        + "; ".join(f"`{k}` is `{_cli(v)}`" for k, v in setting.options.items()) + "."]
                       if seq and setting.options and not args.quick else []), "",
                     compare_markdown(dirs), ""]
