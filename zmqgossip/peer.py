@@ -255,16 +255,22 @@ class Peer:
         """The async schedule: update until the budget is spent; no barrier anywhere."""
         s = self.settings
         deadline = None if s.seconds is None else self.t0 + s.seconds
-        while not (stop is not None and stop.is_set()) and not self.halt:
-            if deadline is None and self.state.step >= s.rounds:
-                break
-            if deadline is not None and time.time() >= deadline:
-                break
+
+        def over() -> bool:
+            return (
+                (stop is not None and stop.is_set()) or self.halt
+                or (deadline is None and self.state.step >= s.rounds)
+                or (deadline is not None and time.time() >= deadline)
+            )
+
+        while not over():
             self._compute_wall = 0.0
             if self.turns is None:
                 event = await self.step()
             else:
                 async with self.turns:
+                    if over():  # killed, stopped or out of time while waiting for the turn
+                        break
                     event = await self.step()
             if on_event is not None:
                 on_event(event)

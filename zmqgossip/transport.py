@@ -349,6 +349,8 @@ class Transport:
         """Pull ``peer``'s current model. Never raises for network trouble; never hangs."""
         timeout = self.config.timeout_s if timeout is None else timeout
         t0 = time.perf_counter()
+        if self._closed:  # no socket may be opened after close(): it would never be closed
+            return self._count(PullResult(peer, False, reason="closed", detail="this transport is closed"), kind)
         endpoint = self.directory.get(peer)
         if endpoint is None or peer == self.id:
             res = PullResult(peer, False, reason="unknown_peer", detail=f"peer {peer} is not in the directory")
