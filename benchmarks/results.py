@@ -108,10 +108,20 @@ def one_run(preset: str, overrides: list[str], out: str) -> dict[str, Any]:
     return run_local(cfg, out)
 
 
+def _complete(run_dir: Path) -> bool:
+    """A finished run: its summary exists and every peer finished (a crashed or
+    interrupted run also leaves a summary, of what it got done)."""
+    try:
+        s = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return not s.get("failed_peers") and s.get("peer_rounds", 0) >= s.get("peers", 1) * max(1, s.get("rounds") or 1)
+
+
 def run_grid(jobs: list[tuple[str, list[str], str]], parallel: int, reuse: bool) -> int:
     """Run the jobs (``parallel`` at once, one process each); with ``reuse`` a job whose
     run directory already has its summary is kept as it is.  Returns how many ran."""
-    todo = [j for j in jobs if not (reuse and (Path(j[2]) / "summary.json").is_file())]
+    todo = [j for j in jobs if not (reuse and _complete(Path(j[2])))]
     with ProcessPoolExecutor(max_workers=parallel) as ex:
         for fut in [ex.submit(one_run, *j) for j in todo]:
             fut.result()

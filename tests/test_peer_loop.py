@@ -204,7 +204,9 @@ def test_async_peers_of_a_process_take_turns_to_pull_and_compute(tmp_path, pull_
     a round earlier, behind a queue of every other peer); a large pull_ahead lets all pull
     at once. Seen: 1, 2 and 10 (of 10 peers) in flight."""
     peers = 10
-    cfg = make_cfg("dac", peers=peers, rounds=6, schedule="async", n_train=30, compute={"pull_ahead": pull_ahead})
+    # pull_hold_s: a pull on a busy machine never gives its turn back here.
+    cfg = make_cfg("dac", peers=peers, rounds=6, schedule="async", n_train=30,
+                   compute={"pull_ahead": pull_ahead, "pull_hold_s": 60.0})
     s = run(cfg, tmp_path)
     assert s["failed_peers"] == [] and s["peer_rounds"] == peers * 6
     most = _max_in_flight(RunDir(tmp_path), peers)
@@ -213,6 +215,23 @@ def test_async_peers_of_a_process_take_turns_to_pull_and_compute(tmp_path, pull_
         assert most <= 1 + pull_ahead
     else:
         assert most >= peers // 2
+
+
+@pytest.mark.parametrize("hold_s", [0.05, 60.0])
+def test_a_pull_waiting_on_the_network_lends_its_turn(tmp_path, hold_s):
+    """On a lossy link many pulls wait out their timeout. With one turn (pull_ahead 0) a
+    waiting pull gives it back after pull_hold_s, so other peers pull and compute meanwhile
+    (several updates in flight); holding it the whole wait (hold 60 s) serializes them.
+    Seen: 6-8 in flight vs 1."""
+    peers = 8
+    cfg = make_cfg("random", peers=peers, rounds=3, schedule="async", n_train=30,
+                   compute={"pull_ahead": 0, "pull_hold_s": hold_s},
+                   network={"timeout_s": 0.3}, links={"default": {"loss": 0.4}})
+    s = run(cfg, tmp_path)
+    assert s["failed_peers"] == [] and s["peer_rounds"] == peers * 3 and s["pulls_failed"] > 0
+    most = _max_in_flight(RunDir(tmp_path), peers)
+    print(f"hold {hold_s}s: at most {most} of {peers} peers in flight")
+    assert most >= 3 if hold_s < 1 else most == 1
 
 
 def _tiny_async_cfg(**kw) -> config.ExperimentConfig:

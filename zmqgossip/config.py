@@ -121,6 +121,8 @@ class ComputeConfig(_Strict):
     pull_ahead: int = Field(1, ge=0, le=100_000, description=(
         "async: updates per process that may pull while another computes (0: pull only when the "
         "compute thread is free; more hides network latency, but pulled models wait longer)"))
+    pull_hold_s: float = Field(0.1, gt=0, le=3600, description=(
+        "async: a pull slower than this gives its turn back while it waits on the network"))
 
 
 class ExperimentConfig(_Strict):

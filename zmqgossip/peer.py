@@ -30,6 +30,7 @@ from .data import ClientData
 from .metrics import RunDir
 from .policies import Policy, Pulled
 from .transport import Counters, PullResult, Transport
+from .turns import Turn, Turns
 from .wire import ModelPayload
 
 T = TypeVar("T")
@@ -83,7 +84,7 @@ class Peer:
         *,
         seed: int,
         t0: float,
-        turns: asyncio.Semaphore | None = None,
+        turns: Turns | None = None,
     ) -> None:
         self.id = pid
         self.data = data
@@ -94,10 +95,7 @@ class Peer:
         self.settings = settings
         self.run_dir = run
         self.executor = executor
-        # Async only: the peers of one process take turns to pull and compute. Without it all
-        # of them pull at once and then queue for the one compute thread, so each computes
-        # on models pulled about a round earlier: staleness that real peers, each with its
-        # own processor, never see. None: no limit.
+        # Async only: the peers of one process take turns to pull and compute (turns.py).
         self.turns = turns
         self.t0 = t0
         self.generator = torch.Generator().manual_seed(seed)
@@ -184,13 +182,15 @@ class Peer:
         await self.publish()
         self.state.status = "running"
 
-    async def step(self) -> dict[str, Any]:
-        """One update of this peer; returns (and logs) its event."""
+    async def step(self, turn: Turn | None = None) -> dict[str, Any]:
+        """One update of this peer; returns (and logs) its event. With a ``turn``, a slow
+        pull lends it out while it waits (see turns.py)."""
         t_start = time.time()
         step = self.state.step
         chosen = self.policy.choose()
         t_pull = time.perf_counter()
-        results = await self.transport.pull_many(chosen, self.settings.pull_timeout_s)
+        pulling = self.transport.pull_many(chosen, self.settings.pull_timeout_s)
+        results = await (pulling if turn is None else turn.wait_for(pulling))
         pull_s = time.perf_counter() - t_pull
         replies = [r for r in results if r.ok and r.message is not None]
         failed = {str(r.peer): r.reason for r in results if not r.ok}
@@ -268,10 +268,10 @@ class Peer:
             if self.turns is None:
                 event = await self.step()
             else:
-                async with self.turns:
+                async with self.turns.turn() as turn:
                     if over():  # killed, stopped or out of time while waiting for the turn
                         break
-                    event = await self.step()
+                    event = await self.step(turn)
             if on_event is not None:
                 on_event(event)
             if s.speed > 1.0:

@@ -36,6 +36,7 @@ from .peer import Peer, PeerSettings
 from .policies import make_policy
 from .security import KeyRing, stop_gatekeeper
 from .transport import Transport, TransportConfig, make_directory, preflight
+from .turns import Turns
 from .wire import Limits, schema_of
 
 EventHook = Callable[[dict[str, Any]], None]
@@ -121,7 +122,7 @@ def build_peers(
     ctx = zmq.asyncio.Context()
     preflight(ctx, len(ids), cfg.network.pool_size, cfg.network.transport, secure=keyring is not None)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
-    turns = asyncio.Semaphore(1 + cfg.compute.pull_ahead)  # one computes, pull_ahead pull meanwhile
+    turns = Turns(cfg.compute.pull_ahead, cfg.compute.pull_hold_s)  # one computes, pull_ahead pull meanwhile
     name = model_name(cfg, part)
     clusters = {i: c for i, c in enumerate(part.clusters)}
     all_ids = list(range(cfg.peers))
