@@ -291,8 +291,9 @@ def main() -> None:
         doc += [discussion.read_text()]
     total = sum(times.values())
     rendered = time.perf_counter() - start
-    doc += ["", f"_Runs: {total / 60:.1f} minutes on this machine ({args.parallel} at a time); "
-            f"this rendering took {rendered / 60:.1f} minutes{' (runs reused)' if args.reuse else ''}._", ""]
+    doc += ["", f"_Experiments: {total / 60:.1f} minutes on this machine (the sum of the sections' times above, "
+            f"each measured when its runs ran, {args.parallel} at a time; plus the paper-scale measurement). "
+            f"This invocation took {rendered / 60:.1f} minutes{' (reusing finished runs)' if args.reuse else ''}._", ""]
     args.doc.write_text("\n".join(doc))
     print(json.dumps({"bench": "results", "quick": args.quick, "run_minutes": round(total / 60, 2),
                       "render_minutes": round(rendered / 60, 2), "doc": str(args.doc)}))

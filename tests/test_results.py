@@ -44,4 +44,4 @@ def test_results_quick_writes_every_section_from_real_runs(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert {p: p.stat().st_mtime for p in summaries} == before
-    assert "(runs reused)" in doc.read_text()
+    assert "(reusing finished runs)" in doc.read_text()
