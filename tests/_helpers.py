@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import shutil
+import signal
 import struct
 import sys
 from pathlib import Path
@@ -100,3 +101,9 @@ def write_cifar(folder: Path, n: int = 20, protocol: int = 2) -> dict[str, dict[
         raw = raw.replace(b"numpy._core.multiarray\n_reconstruct", b"numpy.core.multiarray\n_reconstruct")
         (folder / name).write_bytes(raw)
     return batches
+
+
+def default_sigint() -> None:
+    """For ``preexec_fn``: a child that is sent SIGINT must not inherit an ignored SIGINT
+    (a test runner started in the background has it ignored, and exec keeps that)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -22,6 +22,7 @@ import pytest
 import torch
 import zmq
 
+from _helpers import default_sigint
 from zmqgossip import config, metrics, runner
 from zmqgossip.metrics import RunDir, summarize
 from zmqgossip.transport import make_directory
@@ -348,7 +349,7 @@ def test_sigint_run_local_leaves_a_summarised_partial_run(tmp_path):
     )
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-c", code, cfg.model_dump_json(), str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     try:
         deadline = time.time() + 40
         while time.time() < deadline:

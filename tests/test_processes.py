@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from _helpers import to_toml, toml_value, zmqgossip_cmd  # noqa: F401
+from _helpers import default_sigint, to_toml, toml_value, zmqgossip_cmd  # noqa: F401
 
 from zmqgossip.metrics import RunDir
 from zmqgossip.transport import free_tcp_ports
@@ -41,7 +41,7 @@ def cli(*args: str, cwd: Path, timeout: float = RUN_TIMEOUT_S) -> subprocess.Com
 
 def popen(*args: str, cwd: Path, **kw: Any) -> subprocess.Popen:
     return subprocess.Popen([*zmqgossip_cmd(), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=cwd, env=ENV, **kw)
+                            cwd=cwd, env=ENV, preexec_fn=default_sigint, **kw)
 
 
 def write_experiment(path: Path, **over: Any) -> Path:
