@@ -107,3 +107,22 @@ def default_sigint() -> None:
     """For ``preexec_fn``: a child that is sent SIGINT must not inherit an ignored SIGINT
     (a test runner started in the background has it ignored, and exec keeps that)."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def with_overrides(raw: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` with ``over`` applied: a dict value updates that table, anything else replaces."""
+    out = dict(raw)
+    for k, v in over.items():
+        out[k] = {**out[k], **v} if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def tiny_experiment(**over: Any) -> dict[str, Any]:
+    """A seconds-long async experiment (12 peers, digits, MLP) as a plain dict for TOML."""
+    raw: dict[str, Any] = {
+        "name": "tiny", "method": "dac-var", "schedule": "async", "peers": 12, "rounds": 4, "seed": 0,
+        "data": {"dataset": "digits", "shift": "label", "n_train": 40, "n_val": 20, "test_per_class": 30},
+        "train": {"model": "mlp", "epochs": 1, "lr": 3e-3, "test_every": 2},
+        "policy": {"n": 3},
+    }
+    return with_overrides(raw, over)

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from _helpers import to_toml, toml_value, zmqgossip_cmd  # noqa: F401
+from _helpers import tiny_experiment, to_toml, toml_value, zmqgossip_cmd  # noqa: F401
 import typer.main
 from typer.testing import CliRunner
 
@@ -69,18 +69,6 @@ def invoke(*args: str, via: str, cwd: Path) -> Outcome:
         os.chdir(old)
     assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
     return Outcome(r.exit_code, r.stdout, r.stderr)
-
-
-def tiny_experiment(**over: Any) -> dict[str, Any]:
-    raw: dict[str, Any] = {
-        "name": "tiny", "method": "dac-var", "schedule": "async", "peers": 12, "rounds": 4, "seed": 0,
-        "data": {"dataset": "digits", "shift": "label", "n_train": 40, "n_val": 20, "test_per_class": 30},
-        "train": {"model": "mlp", "epochs": 1, "lr": 3e-3, "test_every": 2},
-        "policy": {"n": 3},
-    }
-    for k, v in over.items():
-        raw[k] = {**raw[k], **v} if isinstance(v, dict) and isinstance(raw.get(k), dict) else v
-    return raw
 
 
 def write_experiment(path: Path, **over: Any) -> Path:

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from _helpers import default_sigint, to_toml, toml_value, zmqgossip_cmd  # noqa: F401
+from _helpers import default_sigint, tiny_experiment, to_toml, toml_value, with_overrides, zmqgossip_cmd  # noqa: F401
 
 from zmqgossip.metrics import RunDir
 from zmqgossip.transport import free_tcp_ports
@@ -45,14 +45,7 @@ def popen(*args: str, cwd: Path, **kw: Any) -> subprocess.Popen:
 
 
 def write_experiment(path: Path, **over: Any) -> Path:
-    raw: dict[str, Any] = {
-        "name": "procs", "method": "dac-var", "schedule": "async", "peers": 12, "rounds": 6, "seed": 0,
-        "data": {"dataset": "digits", "shift": "label", "n_train": 40, "n_val": 20, "test_per_class": 30},
-        "train": {"model": "mlp", "epochs": 1, "lr": 3e-3, "test_every": 5},
-        "policy": {"n": 3},
-    }
-    for k, v in over.items():
-        raw[k] = {**raw[k], **v} if isinstance(v, dict) and isinstance(raw.get(k), dict) else v
+    raw = with_overrides(tiny_experiment(name="procs", rounds=6, train={"test_every": 5}), over)
     path.write_text(to_toml(raw))
     return path
 
