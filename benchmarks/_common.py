@@ -13,6 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+import zmqgossip  # noqa: E402,F401  (first, as in a real run: it sets up torch's allocator)
 import torch  # noqa: E402
 
 MB = 1024 * 1024
@@ -107,6 +108,7 @@ def environment() -> dict[str, object]:
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "machine": platform.machine(),
+        "torch_thp": os.environ.get("THP_MEM_ALLOC_ENABLE", "0"),
     }
 
 

@@ -2,7 +2,8 @@
 
 For each model size, measured in the same run:
   memcpy   numpy ``np.copyto`` of the same number of bytes into a preallocated array
-  encode   ``ModelPayload.build`` (one copy: the snapshot) + ``reply``
+  encode   ``ModelPayload.build`` (one copy: the snapshot, into the publisher's reusable
+           ``SnapshotMemory``) + ``reply``
   decode   ``decode(frames, expect=schema)`` (no copy; finite check reads every value)
   both     encode + decode, the figure compared with memcpy (target ratio >= 0.5 at 10 MB)
 
@@ -37,9 +38,10 @@ def measure(name: str, min_time: float) -> dict[str, float]:
         np.copyto(dst, src)
 
     counter = iter(range(1, 2**62))
+    memory = wire.SnapshotMemory()  # as a publishing peer has
 
     def encode() -> list:
-        p = wire.ModelPayload.build(state, step=1, version=1, n_samples=400)
+        p = wire.ModelPayload.build(state, step=1, version=1, n_samples=400, memory=memory)
         return p.reply(1, next(counter))
 
     frames = encode()

@@ -21,7 +21,7 @@ import zmq.asyncio
 from zmqgossip import transport as tp
 from zmqgossip import wire
 from zmqgossip.transport import Transport, TransportConfig, TransportError, make_directory
-from zmqgossip.wire import Kind, ModelPayload, schema_of
+from zmqgossip.wire import Kind, ModelPayload, SnapshotMemory, schema_of
 
 KINDS = ["inproc", "ipc", "tcp"]
 SLACK_S = 0.5  # what a timeout may overrun by on a loaded 2-core machine
@@ -248,6 +248,8 @@ def test_every_model_pulled_while_the_server_republishes_is_self_consistent(kind
         server = ts[0]
         stop = asyncio.Event()
         published = []
+        memory = SnapshotMemory(keep=2)  # as a peer publishes: snapshots reuse free buffers
+        kept: list = []  # every pulled model stays referenced until the end
 
         async def publisher():
             k = 0
@@ -255,7 +257,7 @@ def test_every_model_pulled_while_the_server_republishes_is_self_consistent(kind
                 k += 1
                 for t in live.values():
                     t.fill_(k % 256)  # training changes the live model in place
-                server.publish(payload(live, version=k, step=k))
+                server.publish(ModelPayload.build(live, step=k, version=k, n_samples=1, memory=memory))
                 published.append(k)
                 await asyncio.sleep(0)
 
@@ -269,6 +271,7 @@ def test_every_model_pulled_while_the_server_republishes_is_self_consistent(kind
                 for name, x in r.message.tensors.items():
                     assert bool((x == v % 256).all()), f"torn model: {name} != version {v}"
                 seen.append(v)
+                kept.append(r.message)
             return seen
 
         pub = asyncio.create_task(publisher())
@@ -283,6 +286,12 @@ def test_every_model_pulled_while_the_server_republishes_is_self_consistent(kind
             assert s == sorted(s)  # one puller never goes back in time
         assert len(set(v for s in seen for v in s)) > 10  # versions really changed under the pulls
         assert len(published) > 10
+        # A snapshot buffer is reused only once nothing refers to it: the models pulled
+        # long ago (same process: inproc shares the publisher's memory) are unchanged.
+        for m in kept:
+            for name, x in m.tensors.items():
+                assert bool((x == m.version % 256).all()), f"model {m.version} overwritten later: {name}"
+        assert memory.reused > 0  # and buffers nobody held were reused
 
     run_async(body(), 60)
 

@@ -74,6 +74,11 @@ def model_frames(state=None, **kw) -> list[bytes]:
     return [bytes(f) for f in wire.encode_model(small_state() if state is None else state, **kw)]
 
 
+def address_of(frame) -> int:
+    # Not ``.ctypes.data``: that keeps the array alive in a reference cycle until gc runs.
+    return np.frombuffer(frame, dtype=np.uint8).__array_interface__["data"][0]
+
+
 def refused(frames, reason: str, **kw) -> WireError:
     with pytest.raises(WireError) as ei:
         decode(frames, **kw)
@@ -239,6 +244,47 @@ def test_payload_without_copy_aliases_the_source_as_documented():
     p = ModelPayload.build(state, step=0, version=1, n_samples=1, copy=False)
     state["w"].fill_(2)
     assert torch.equal(decode(p.reply(1, 1)).tensors["w"], torch.full((4,), 2.0))
+
+
+def test_snapshot_memory_reuses_a_buffer_once_nothing_refers_to_it():
+    memory = wire.SnapshotMemory()
+    state = small_state()
+    first = ModelPayload.build(state, step=0, version=1, n_samples=1, memory=memory)
+    address = address_of(first.frames[1])
+    del first
+    for t in state.values():
+        t.add_(1) if t.dtype != torch.bool else t.logical_not_()
+    second = ModelPayload.build(state, step=0, version=2, n_samples=1, memory=memory)
+    assert (memory.allocated, memory.reused) == (1, 1)
+    assert address_of(second.frames[1]) == address
+    assert_same_state(decode(second.reply(1, 1)).tensors, state)
+
+
+@pytest.mark.parametrize("holder", ["payload", "frames", "decoded tensor"])
+def test_snapshot_memory_never_overwrites_a_snapshot_someone_still_reads(holder):
+    memory = wire.SnapshotMemory(keep=2)
+    state = {"w": torch.zeros(20_000), "b": torch.zeros(3, dtype=torch.float64)}
+    p = ModelPayload.build(state, step=0, version=1, n_samples=1, memory=memory)
+    held = {"payload": p, "frames": p.reply(1, 1), "decoded tensor": decode(p.reply(1, 1)).tensors["w"]}[holder]
+    del p
+    for k in range(2, 6):
+        for t in state.values():
+            t.fill_(k)
+        ModelPayload.build(state, step=0, version=k, n_samples=1, memory=memory)
+    w = held.frames[2] if holder == "payload" else held[2] if holder == "frames" else held
+    assert bool((torch.as_tensor(np.frombuffer(w, np.float32) if holder != "decoded tensor" else w) == 0).all())
+    assert memory.allocated == 2 and memory.reused == 3  # the free one was reused, the held one never
+
+
+def test_snapshot_memory_starts_every_tensor_on_a_cache_line_and_keeps_few_buffers():
+    memory = wire.SnapshotMemory(keep=3)
+    state = {"odd": torch.zeros(3, dtype=torch.int8), "w": torch.randn(17), "empty": torch.zeros(0), "x": torch.ones(5)}
+    held = [ModelPayload.build(state, step=0, version=k, n_samples=1, memory=memory) for k in range(6)]
+    for p in held:
+        for f in p.frames[1:]:
+            assert address_of(f) % wire.SnapshotMemory.ALIGN == 0 or not memoryview(f).nbytes
+        assert_same_state(decode(p.reply(1, 1)).tensors, state)
+    assert memory.allocated == 6 and len(memory._buffers) == 3  # all held: fresh memory, the list stays short
 
 
 def test_encoding_a_dtype_outside_the_allow_list_is_refused():

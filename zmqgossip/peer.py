@@ -31,7 +31,7 @@ from .metrics import RunDir
 from .policies import Policy, Pulled
 from .transport import Counters, PullResult, Transport
 from .turns import Turn, Turns
-from .wire import ModelPayload
+from .wire import ModelPayload, SnapshotMemory
 
 T = TypeVar("T")
 
@@ -105,6 +105,7 @@ class Peer:
         self.resumed_from: int | None = None  # the checkpoint step this peer resumed from
         self._compute_wall = 0.0  # wall time of this update's compute, queueing included
         self.n_samples = int(data.train_y.shape[0])
+        self.snapshots = SnapshotMemory()  # this peer's published models take turns in it
 
     # ------------------------------------------------------------------ compute
     async def _compute(self, fn: Callable[[], T]) -> T:
@@ -140,6 +141,7 @@ class Peer:
             n_samples=self.n_samples,
             scores=self.policy.score_row() if self.policy.publishes_scores else None,
             meta={"t": time.time()},
+            memory=self.snapshots,
         )
 
     async def publish(self) -> None:

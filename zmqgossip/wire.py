@@ -22,6 +22,8 @@ from __future__ import annotations
 import enum
 import functools
 import math
+import sys
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -174,6 +176,64 @@ def _scores_field(scores: Mapping[int, float] | None) -> list | None:
     return [ids, [float(scores[k]) for k in ids]]
 
 
+class SnapshotMemory:
+    """Reusable memory for one publisher's model snapshots.
+
+    A publisher snapshots its model every round. Fresh memory for each snapshot costs the
+    kernel's page faults on every large model (a 10 MB model: ~0.3 ms of faults on top of
+    the copy), so the snapshots of one publisher take turns in a few buffers instead.  A
+    buffer is reused only when nothing refers to it any more: no payload, no frame that
+    ZeroMQ still sends, no tensor that a receiver in the same process decoded from it
+    (an inproc receive shares the sender's memory).  Python's reference count says
+    exactly that, so a snapshot is never overwritten while anyone can still read it.
+    """
+
+    ALIGN = 64  # every tensor starts on a cache line
+
+    def __init__(self, keep: int = 4) -> None:
+        self.keep = keep
+        self._buffers: list[np.ndarray] = []
+        self._lock = threading.Lock()
+        self.reused = 0
+        self.allocated = 0
+
+    def take(self, nbytes: int) -> np.ndarray:
+        """A writable byte buffer of exactly ``nbytes``, cache-line aligned, that nothing
+        else refers to."""
+        with self._lock:
+            for i in range(len(self._buffers)):
+                # The list holds the allocation; every view of it (the buffer handed out,
+                # the frames, decoded tensors) refers to it too, since numpy views point at
+                # the array that owns the memory. getrefcount adds one for its argument.
+                if self._buffers[i].nbytes == nbytes + self.ALIGN and sys.getrefcount(self._buffers[i]) == 2:
+                    self.reused += 1
+                    return self._aligned(self._buffers[i], nbytes)
+            base = np.empty(nbytes + self.ALIGN, dtype=np.uint8)
+            self.allocated += 1
+            if len(self._buffers) >= self.keep:
+                # Drop the list's hold on one buffer (its users keep it alive until done).
+                self._buffers.pop(0)
+            self._buffers.append(base)
+            return self._aligned(base, nbytes)
+
+    def _aligned(self, base: np.ndarray, nbytes: int) -> np.ndarray:
+        skip = -base.__array_interface__["data"][0] % self.ALIGN  # (.ctypes would make a cycle)
+        return base[skip : skip + nbytes]
+
+
+def _layout(state: Mapping[str, torch.Tensor]) -> tuple[list[tuple[str, str, torch.Tensor, int, int]], int]:
+    """Each tensor's wire dtype, byte offset and length in one snapshot buffer."""
+    out = []
+    offset = 0
+    for name, t in state.items():
+        wd = _wire_dtype(t)
+        t = t.detach()
+        nb = t.numel() * t.element_size()
+        out.append((name, wd, t, offset, nb))
+        offset += -(-nb // SnapshotMemory.ALIGN) * SnapshotMemory.ALIGN
+    return out, offset
+
+
 @dataclass(frozen=True)
 class ModelPayload:
     """A model snapshot encoded once: the body frame and the tensor frames.
@@ -197,22 +257,35 @@ class ModelPayload:
         scores: Mapping[int, float] | None = None,
         meta: Mapping[str, Any] | None = None,
         copy: bool = True,
+        memory: SnapshotMemory | None = None,
     ) -> "ModelPayload":
+        """Snapshot ``state`` (one copy, into ``memory`` when given) and encode it.
+
+        ``copy=False`` sends the tensors' own memory: only for tensors nobody changes.
+        """
         table = []
         buffers: list[Frame] = []
-        total = 0
-        for name, t in state.items():
-            wd = _wire_dtype(t)
-            t = t.detach()
-            if t.device.type != "cpu":
-                t = t.cpu()
-            # One copy into fresh memory (the snapshot), none after it.
-            t = t.clone(memory_format=torch.contiguous_format) if copy else t.contiguous()
-            view = t.view(torch.uint16) if wd == "bfloat16" else t
-            arr = view.numpy().reshape(-1)
-            buffers.append(memoryview(arr).cast("B"))
-            table.append([name, wd, list(t.shape), arr.nbytes])
-            total += arr.nbytes
+        layout, size = _layout(state)
+        if copy:
+            arena = memory.take(size) if memory is not None else np.empty(size, dtype=np.uint8)
+        for name, wd, t, offset, nb in layout:
+            if copy:
+                # One copy into the snapshot buffer, none after it. numpy's copy is a
+                # plain memcpy for contiguous tensors (torch's copy_ is slower here).
+                dst = arena[offset : offset + nb]
+                if nb:
+                    if t.device.type == "cpu" and wd != "bfloat16":
+                        np.copyto(dst.view(DTYPES[wd][1]).reshape(t.shape), t.numpy(), casting="no")
+                    else:
+                        torch.from_numpy(dst).view(t.dtype).view(t.shape).copy_(t)
+                buffers.append(memoryview(dst))
+            else:
+                if t.device.type != "cpu":
+                    t = t.cpu()
+                t = t.contiguous()
+                view = t.view(torch.uint16) if wd == "bfloat16" else t
+                buffers.append(memoryview(view.numpy().reshape(-1)).cast("B"))
+            table.append([name, wd, list(t.shape), nb])
         body = {
             "step": int(step),
             "version": int(version),
@@ -223,6 +296,7 @@ class ModelPayload:
         if meta:
             body["meta"] = dict(meta)
         body_bytes = _pack(body)
+        total = sum(e[3] for e in table)
         return cls((body_bytes, *buffers), int(version), total + len(body_bytes))
 
     def reply(self, sender: int, request_id: int, kind: Kind = Kind.MODEL_REPLY) -> list[Frame]:
