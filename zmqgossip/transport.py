@@ -33,6 +33,31 @@ if TYPE_CHECKING:
 
 IPC_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
 
+# Plain ints: with pyzmq's flag enums every `&` and `|` builds an enum member, a cost that
+# shows in a pull's profile.
+_EVENTS, _POLLIN, _POLLOUT = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.POLLOUT)
+_DONTWAIT, _SNDMORE = int(zmq.DONTWAIT), int(zmq.SNDMORE)
+
+
+def _send_now(sock: zmq.Socket, frames: list, copy: bool = True) -> None:
+    """Send a multipart message without waiting (``zmq.Again`` if the queue is full).
+
+    Once the first frame is queued ZeroMQ takes the rest of the message atomically.
+    """
+    last = len(frames) - 1
+    for i, f in enumerate(frames):
+        sock.send(f, _DONTWAIT | _SNDMORE if i < last else _DONTWAIT, copy=copy)
+
+
+def _recv_now(sock: zmq.Socket) -> list:
+    """Receive a whole multipart message without waiting, as zero-copy frames."""
+    part = sock.recv(_DONTWAIT, copy=False)
+    parts = [part]
+    while part.more:  # the frame's own flag: no socket option lookup per frame
+        part = sock.recv(_DONTWAIT, copy=False)
+        parts.append(part)
+    return parts
+
 
 class TransportError(RuntimeError):
     """A transport cannot be set up (bad endpoint, limits too low, ...)."""
@@ -139,7 +164,8 @@ class Transport:
         self._payload: ModelPayload | None = None
         self._inbox: zmq.asyncio.Socket | None = None
         self._inbox_sync: zmq.Socket | None = None  # a synchronous view of the same socket
-        self._serve_task: asyncio.Task | None = None
+        self._inbox_fd: int | None = None  # registered with the event loop while serving
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._monitor: zmq.asyncio.Socket | None = None
         self._monitor_task: asyncio.Task | None = None
         self._pool: OrderedDict[int, _Dealer] = OrderedDict()
@@ -175,20 +201,27 @@ class Transport:
         self._copy_out = self.endpoint.startswith("inproc://")
         self._inbox = sock
         self._inbox_sync = zmq.Socket.shadow(sock.underlying)
-        self._serve_task = asyncio.create_task(self._serve(), name=f"serve-{self.id}")
+        # Served straight from the event loop's readiness callback: no task, no Future per
+        # request (pyzmq's asyncio layer costs more than the rest of a small pull).
+        self._loop = asyncio.get_running_loop()
+        self._inbox_fd = self._inbox_sync.getsockopt(zmq.FD)
+        self._loop.add_reader(self._inbox_fd, self._on_inbox)
 
     async def close(self) -> None:
         """Stop serving and close every socket (LINGER 0: nothing waits)."""
         if self._closed:
             return
         self._closed = True
-        tasks = [t for t in (self._serve_task, self._monitor_task, *self._replies) if t is not None]
+        if self._inbox_fd is not None and self._loop is not None:
+            self._loop.remove_reader(self._inbox_fd)
+            self._inbox_fd = None
+        tasks = [t for t in (self._monitor_task, *self._replies) if t is not None]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._stop_monitor()
         for d in self._pool.values():
-            d.sock.close(0)
+            self._close_dealer(d)
         self._pool.clear()
         if self._inbox is not None:
             self._inbox.close(0)
@@ -254,28 +287,27 @@ class Transport:
     def published(self) -> ModelPayload | None:
         return self._payload
 
-    async def _serve(self) -> None:
-        sock, sync = self._inbox, self._inbox_sync
-        assert sock is not None and sync is not None
-        while True:
-            try:
-                frames = await sock.recv_multipart(copy=False)
-            except asyncio.CancelledError:
-                raise
-            except zmq.ZMQError:
-                if self._closed:
-                    return
-                await asyncio.sleep(0.01)  # e.g. the context is terminating: never spin
-                continue
-            self._handle(frames)
-            # Drain a burst through the synchronous shadow: no Future per request.
+    def _on_inbox(self) -> None:
+        """The inbox's descriptor fired: answer the requests queued there.
+
+        ZeroMQ's descriptor is edge-triggered: it fires when the socket's state changes and
+        is re-armed by reading ``EVENTS``, so the queue is drained until ``EVENTS`` says it
+        is empty. A burst is bounded; the rest is answered after the loop's other work.
+        """
+        sync = self._inbox_sync
+        if self._closed or sync is None:
+            return
+        try:
             for _ in range(256):
-                try:
-                    frames = sync.recv_multipart(zmq.NOBLOCK, copy=False)
-                except zmq.ZMQError:
-                    break
-                self._handle(frames)
-            await asyncio.sleep(0)  # let the rest of the loop run between bursts
+                if not sync.getsockopt(_EVENTS) & _POLLIN:
+                    return
+                self._handle(_recv_now(sync))
+        except zmq.Again:
+            return
+        except zmq.ZMQError:  # e.g. the context is terminating: nothing left to serve
+            return
+        assert self._loop is not None
+        self._loop.call_soon(self._on_inbox)
 
     def _handle(self, frames: list) -> None:
         """Answer one request that reached the inbox."""
@@ -328,7 +360,7 @@ class Transport:
         # EAGAIN: the queue is full; EHOSTUNREACH: the puller is gone. Both are counted.
         err: zmq.ZMQError | None = None
         try:  # through the synchronous shadow: no Future per reply
-            self._inbox_sync.send_multipart([rid, *frames], flags=zmq.DONTWAIT, copy=self._copy_out)
+            _send_now(self._inbox_sync, [rid, *frames], copy=self._copy_out)
         except zmq.ZMQError as e:
             err = e
         if isinstance(err, zmq.Again):
@@ -380,7 +412,7 @@ class Transport:
         finally:
             dealer.users -= 1
             if dealer.evicted and dealer.users == 0:
-                dealer.sock.close(0)
+                self._close_dealer(dealer)
             self._trim(self.config.pool_size)  # back to size after more concurrent pulls than it holds
         res.latency_s = time.perf_counter() - t0
         return self._count(res, kind)
@@ -399,14 +431,17 @@ class Transport:
         frames = wire.encode_request(self.id, request_id, kind)
         if self.links is not None and not await self.links.transit(self.id, peer, len(frames[0])):
             await asyncio.sleep(float("inf"))  # a lost request: only the timeout ends it
-        try:  # the common case without a Future; a full or unconnected socket waits
-            dealer.sync.send_multipart(frames, flags=zmq.DONTWAIT)
-        except zmq.Again:
-            await dealer.sock.send_multipart(frames)
+        while True:  # a full or not yet connected socket (IMMEDIATE) waits; the timeout bounds it
+            try:
+                _send_now(dealer.sync, frames)
+                break
+            except zmq.Again:
+                await self._ready(dealer, _POLLOUT)
         self.counters.msgs_out += 1
         self.counters.bytes_out += len(frames[0])
         while True:
-            reply = await dealer.sock.recv_multipart(copy=False)
+            await self._ready(dealer, _POLLIN)
+            reply = _recv_now(dealer.sync)
             nbytes = sum(len(f) for f in reply)
             self.counters.msgs_in += 1
             self.counters.bytes_in += nbytes
@@ -424,6 +459,35 @@ class Transport:
             if msg.kind is Kind.ERROR_REPLY:
                 return PullResult(peer, False, reason=f"refused:{msg.reason}", detail=msg.detail, nbytes=nbytes)
             return PullResult(peer, True, message=msg, nbytes=nbytes)
+
+    async def _ready(self, dealer: "_Dealer", event: int) -> None:
+        """Wait until ``dealer`` can do ``event`` (POLLIN / POLLOUT).
+
+        Reading ``EVENTS`` re-arms ZeroMQ's edge-triggered descriptor, so a change after
+        the check makes it readable for the event loop, and one before it shows in the check.
+        """
+        while not dealer.sync.getsockopt(_EVENTS) & event:
+            if self._loop is None:  # a transport that only pulls is never started
+                self._loop = asyncio.get_running_loop()
+            waiter = self._loop.create_future()
+            dealer.waiter = waiter
+            self._loop.add_reader(dealer.fd, _wake, waiter)
+            try:
+                await waiter
+            finally:
+                if dealer.waiter is waiter:  # not already unregistered by _close_dealer
+                    dealer.waiter = None
+                    self._loop.remove_reader(dealer.fd)
+
+    def _close_dealer(self, d: "_Dealer") -> None:
+        """Close a DEALER; a pull waiting on it fails now (its descriptor is gone)."""
+        waiter, d.waiter = d.waiter, None
+        if waiter is not None:
+            assert self._loop is not None
+            self._loop.remove_reader(d.fd)
+            if not waiter.done():
+                waiter.set_exception(zmq.ZMQError(zmq.ENOTSOCK, "the socket was closed"))
+        d.sock.close(0)
 
     def _count(self, res: PullResult, kind: Kind) -> PullResult:
         """Pull outcomes are counted; pings (readiness, liveness) are not pulls."""
@@ -475,7 +539,7 @@ class Transport:
             del self._pool[peer]
         d.evicted = True
         if d.users == 0:
-            d.sock.close(0)
+            self._close_dealer(d)
 
     @property
     def sockets_open(self) -> int:
@@ -501,9 +565,17 @@ class _Dealer:
     users: int = 0  # pulls holding or waiting for this socket
     evicted: bool = False  # out of the pool; closed when users drops to 0
     sync: zmq.Socket = field(init=False)  # a synchronous view of the same socket
+    fd: int = field(init=False)  # ZeroMQ's descriptor for the event loop
+    waiter: asyncio.Future | None = None  # the pull waiting for this socket, if any
 
     def __post_init__(self) -> None:
         self.sync = zmq.Socket.shadow(self.sock.underlying)
+        self.fd = self.sync.getsockopt(zmq.FD)
+
+
+def _wake(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 # ---------------------------------------------------------------------- endpoints
