@@ -467,26 +467,22 @@ class Transport:
         the check makes it readable for the event loop, and one before it shows in the check.
         """
         while not dealer.sync.getsockopt(_EVENTS) & event:
-            if self._loop is None:  # a transport that only pulls is never started
-                self._loop = asyncio.get_running_loop()
+            assert self._loop is not None  # set when the DEALER was made
             waiter = self._loop.create_future()
             dealer.waiter = waiter
-            self._loop.add_reader(dealer.fd, _wake, waiter)
             try:
                 await waiter
             finally:
-                if dealer.waiter is waiter:  # not already unregistered by _close_dealer
-                    dealer.waiter = None
-                    self._loop.remove_reader(dealer.fd)
+                dealer.waiter = None
 
     def _close_dealer(self, d: "_Dealer") -> None:
         """Close a DEALER; a pull waiting on it fails now (its descriptor is gone)."""
-        waiter, d.waiter = d.waiter, None
-        if waiter is not None:
-            assert self._loop is not None
+        if self._loop is not None:
+            # Before closing: a later socket may get the same descriptor number.
             self._loop.remove_reader(d.fd)
-            if not waiter.done():
-                waiter.set_exception(zmq.ZMQError(zmq.ENOTSOCK, "the socket was closed"))
+        waiter, d.waiter = d.waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(zmq.ZMQError(zmq.ENOTSOCK, "the socket was closed"))
         d.sock.close(0)
 
     def _count(self, res: PullResult, kind: Kind) -> PullResult:
@@ -519,6 +515,10 @@ class Transport:
             sock.setsockopt(zmq.CURVE_SERVERKEY, self.security.server_key(peer))
         sock.connect(endpoint)
         d = _Dealer(sock)
+        if self._loop is None:  # a transport that only pulls is never started
+            self._loop = asyncio.get_running_loop()
+        # Registered for the socket's lifetime: a pull only sets ``waiter``, no system call.
+        self._loop.add_reader(d.fd, d.on_ready)
         self._pool[peer] = d
         return d
 
@@ -572,10 +572,16 @@ class _Dealer:
         self.sync = zmq.Socket.shadow(self.sock.underlying)
         self.fd = self.sync.getsockopt(zmq.FD)
 
-
-def _wake(waiter: asyncio.Future) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
+    def on_ready(self) -> None:
+        """The descriptor fired: wake the waiting pull, or re-arm it if none waits."""
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_result(None)  # it reads EVENTS itself, which re-arms the descriptor
+            return
+        try:
+            self.sync.getsockopt(_EVENTS)  # else the loop would call us again and again
+        except zmq.ZMQError:
+            pass
 
 
 # ---------------------------------------------------------------------- endpoints
