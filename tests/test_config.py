@@ -76,7 +76,10 @@ def test_a_model_that_cannot_take_the_data_is_refused_before_the_run():
 
 def test_defaults_and_every_preset_still_validate():
     cfg = config.validate(BASE)
-    assert cfg.network.hwm == 16 and cfg.network.pool_size == 8 and cfg.network.max_abs == 1e4
+    assert cfg.network.hwm == 16 and cfg.network.max_abs == 1e4
+    assert cfg.network.pool_size == cfg.peers - 1  # a small network: a socket to every other peer
+    assert config.validate({**BASE, "peers": 34}).network.pool_size == 8  # bounded in larger ones
+    assert config.validate({**BASE, "network": {"pool_size": 3}}).network.pool_size == 3
     assert cfg.policy.max_sample_ratio == 1.0
     for name in config.list_presets():
         config.load(name)

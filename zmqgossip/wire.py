@@ -410,9 +410,10 @@ def _decode(
         raise WireError("kind", f"{kind.name} is not accepted here")
     sender = _int(sender, "sender")
     request_id = _int(request_id, "request_id")
-    nbytes = sum(_buffer(f).nbytes for f in frames)
-    msg = Message(kind=kind, sender=sender, request_id=request_id, nbytes=nbytes)
+    msg = Message(kind=kind, sender=sender, request_id=request_id)
 
+    if kind in (Kind.PULL_REQUEST, Kind.PING, Kind.PONG) or kind is Kind.ERROR_REPLY:
+        msg.nbytes = sum(_buffer(f).nbytes for f in frames)  # a few small frames
     if kind in (Kind.PULL_REQUEST, Kind.PING, Kind.PONG):
         if len(frames) > 2:
             raise WireError("frames", f"{kind.name} has {len(frames)} frames, expected 1 or 2")
@@ -487,6 +488,8 @@ def _decode(
     for name in suspects:
         _check_values(name, tensors[name], limits)
     msg.tensors = tensors
+    # every tensor frame was checked to hold exactly its declared bytes
+    msg.nbytes = _buffer(frames[0]).nbytes + _buffer(frames[1]).nbytes + declared
     return msg
 
 
@@ -542,14 +545,18 @@ def _check_schema(entries: list[tuple[str, str, tuple[int, ...], int]], expect: 
 
 def _array(name: str, wd: str, nb: int, frame: Frame) -> np.ndarray:
     """The frame's bytes as a flat array of the wire dtype (bfloat16: as uint16), no copy."""
-    mv = _buffer(frame)
-    if mv.nbytes != nb:
-        raise WireError("shape", f"tensor {name!r}: frame has {mv.nbytes} bytes, table says {nb}")
-    if mv.readonly:
+    try:
+        flat = np.frombuffer(frame, dtype=DTYPES[wd][1])
+    except (TypeError, ValueError, BufferError):  # not a plain buffer, or a ragged length
+        flat = None
+    if flat is None or flat.nbytes != nb:
+        have = _buffer(frame).nbytes  # refuses what is no buffer at all
+        raise WireError("shape", f"tensor {name!r}: frame has {have} bytes, table says {nb}")
+    if not flat.flags.writeable:
         # bytes objects are read-only; torch wants writable memory. zmq frames
         # received with copy=False are writable, so the hot path never copies.
-        mv = memoryview(bytearray(mv))
-    return np.frombuffer(mv, dtype=DTYPES[wd][1])
+        flat = flat.copy()
+    return flat
 
 
 def _check_values(name: str, t: torch.Tensor, limits: Limits) -> None:
