@@ -136,7 +136,7 @@ def _top(prof: cProfile.Profile | list[cProfile.Profile], n: int = 30) -> str:
     st = pstats.Stats(profs[0], stream=s)
     for p in profs[1:]:
         st.add(p)
-    st.sort_stats("tottime").print_stats(n)
+    st.sort_stats(os.environ.get("PROFILE_SORT", "tottime")).print_stats(n)
     return s.getvalue()
 
 

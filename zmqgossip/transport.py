@@ -333,7 +333,7 @@ class Transport:
             return
         frames_out = payload.reply(self.id, req.request_id)
         if self.links is None:
-            self._send(rid, frames_out, served=True)
+            self._send(rid, frames_out, served=True, nbytes=payload.nbytes + len(frames_out[0]))
             return
         copies, delay = self.links.plan(self.id, req.sender, payload.nbytes)
         if copies and delay > 0:
@@ -354,7 +354,7 @@ class Transport:
         for _ in range(copies):  # a duplicate is discarded by the puller (request id)
             self._send(rid, frames, served=True)
 
-    def _send(self, rid: bytes, frames: list, served: bool = False) -> None:
+    def _send(self, rid: bytes, frames: list, served: bool = False, nbytes: int | None = None) -> None:
         """Send without ever blocking the serve loop: a full queue drops the reply."""
         assert self._inbox is not None
         # EAGAIN: the queue is full; EHOSTUNREACH: the puller is gone. Both are counted.
@@ -370,7 +370,7 @@ class Transport:
             self.counters.refusals["unreachable"] += 1
             return
         self.counters.msgs_out += 1
-        self.counters.bytes_out += sum(memoryview(f).nbytes for f in frames)
+        self.counters.bytes_out += nbytes if nbytes is not None else sum(memoryview(f).nbytes for f in frames)
         if served:
             self.counters.served += 1
 

@@ -501,6 +501,11 @@ def _decode_scores(raw: Any) -> dict[int, float] | None:
     ids, vals = raw
     if len(ids) != len(vals):
         raise WireError("field", "scores: ids and values differ in length")
+    # Whole-row checks first (C loops: a row has an entry per peer); the entry-by-entry
+    # look below only runs to name what is wrong, or when a sum of finite values overflowed.
+    if set(map(type, ids)) <= {int} and set(map(type, vals)) <= {float, int}:
+        if not ids or (min(ids) >= 0 and min(vals) >= 0 and math.isfinite(sum(vals))):
+            return dict(zip(ids, map(float, vals)))
     out: dict[int, float] = {}
     for k, v in zip(ids, vals):
         if type(k) is not int or k < 0:
