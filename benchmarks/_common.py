@@ -108,7 +108,7 @@ def environment() -> dict[str, object]:
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "machine": platform.machine(),
-        "torch_thp": os.environ.get("THP_MEM_ALLOC_ENABLE", "0"),
+        "memory": dict(zmqgossip.MEMORY),
     }
 
 
