@@ -412,8 +412,8 @@ def _decode(
     request_id = _int(request_id, "request_id")
     msg = Message(kind=kind, sender=sender, request_id=request_id)
 
-    if kind in (Kind.PULL_REQUEST, Kind.PING, Kind.PONG) or kind is Kind.ERROR_REPLY:
-        msg.nbytes = sum(_buffer(f).nbytes for f in frames)  # a few small frames
+    if kind not in (Kind.MODEL_REPLY, Kind.PAYLOAD_REPLY):  # a few small frames; models: below
+        msg.nbytes = sum(_buffer(f).nbytes for f in frames)
     if kind in (Kind.PULL_REQUEST, Kind.PING, Kind.PONG):
         if len(frames) > 2:
             raise WireError("frames", f"{kind.name} has {len(frames)} frames, expected 1 or 2")
