@@ -1,10 +1,10 @@
 """Application-level link emulation: latency, jitter, bandwidth, loss, duplication, partitions.
 
-No root and no kernel queueing discipline: the transport asks :meth:`Links.transit` before
-every message it sends, and this module decides how long the message travels (it
-``await``s that long) and whether it arrives at all.  Each message is delayed from its own
-send time, in its own task, so a delayed message never holds up a later one (no
-head-of-line blocking); bandwidth is a token bucket per directed link, so a 10 MB model
+No root and no kernel queueing discipline: the transport asks :meth:`Links.plan` before
+every message it sends, and this module decides how long the message travels and whether
+it arrives at all; the transport holds the message back that long on a timer of the event
+loop.  Each message is delayed from its own send time, so a delayed message never holds up
+a later one (no head-of-line blocking); bandwidth is a token bucket per directed link, so a 10 MB model
 over a 10 Mbit/s link takes about 8 s and two models back to back take twice that.
 
 Randomness is drawn per directed link from a generator seeded by (seed, src, dst), so the
@@ -14,7 +14,6 @@ same messages over the same link see the same delays and losses: runs with the
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 from collections.abc import Iterable, Sequence
@@ -220,13 +219,6 @@ class Links:
         self.stats.duplicated += copies - 1
         self.stats.record(delay)
         return copies, delay
-
-    async def transit(self, src: int, dst: int, nbytes: int) -> int:
-        """Wait out the message's travel time; return how many copies arrive (0: lost)."""
-        copies, delay = self.plan(src, dst, nbytes)
-        if copies and delay > 0:
-            await asyncio.sleep(delay)
-        return copies
 
 
 def _assign_classes(classes: Sequence[LinkClass], peers: int, seed: int) -> dict[int, int]:

@@ -4,8 +4,14 @@ Every peer binds one ROUTER *inbox*.  A pull request that arrives there is answe
 the last published :class:`~zmqgossip.wire.ModelPayload` (cached frames, no re-encoding)
 whatever else the peer is doing.  Pulls go out through DEALER sockets, one per remote peer,
 kept in a small LRU pool so the number of sockets per peer stays bounded however many
-peers exist.  Every await has a timeout; a pull to a dead, slow or unknown peer returns a
+peers exist.  Every pull has a timer; a pull to a dead, slow or unknown peer returns a
 failed :class:`PullResult` and leaves the pool usable.
+
+Both sides run on event-loop callbacks, not tasks: ZeroMQ's descriptors are registered with
+the loop, a request is answered inside the inbox's readiness callback, and a pull
+(:class:`_Pull`) is sent, received, decoded and timed out by callbacks; the task that asked
+for a set of pulls wakes once, when all of them are done.  A pull costs no task, no future
+of its own and no coroutine frames, which is most of what asyncio would add to a small one.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import os
 import resource
 import tempfile
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -37,6 +43,11 @@ IPC_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
 # shows in a pull's profile.
 _EVENTS, _POLLIN, _POLLOUT = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.POLLOUT)
 _DONTWAIT, _SNDMORE = int(zmq.DONTWAIT), int(zmq.SNDMORE)
+
+
+_WANT_MODEL = (Kind.MODEL_REPLY, Kind.ERROR_REPLY)
+_WANT_PONG = (Kind.PONG, Kind.ERROR_REPLY)
+_SERVED = (Kind.PULL_REQUEST, Kind.PING)
 
 
 def _send_now(sock: zmq.Socket, frames: list, copy: bool = True) -> None:
@@ -65,11 +76,6 @@ class TransportError(RuntimeError):
 
 class LinkModel(Protocol):
     """What the transport asks of a link emulator (see :mod:`zmqgossip.links`)."""
-
-    async def transit(self, src: int, dst: int, nbytes: int) -> int:
-        """Wait as long as the link src->dst takes for ``nbytes``; return the copies
-        that arrive (0: lost, 2: duplicated)."""
-        ...
 
     def plan(self, src: int, dst: int, nbytes: int) -> tuple[int, float]:
         """Decide one message's fate at once: (copies that arrive, delay in seconds)."""
@@ -169,9 +175,11 @@ class Transport:
         self._monitor: zmq.asyncio.Socket | None = None
         self._monitor_task: asyncio.Task | None = None
         self._pool: OrderedDict[int, _Dealer] = OrderedDict()
+        self._dealers: set[_Dealer] = set()  # every open DEALER, pooled or evicted-but-busy
         self._request_ids = iter(range(1, 2**62))
         self._closed = False
-        self._replies: set[asyncio.Task] = set()
+        self._delayed: dict[int, asyncio.TimerHandle] = {}  # replies the link emulator holds back
+        self._delayed_seq = itertools.count()
         #: what a PING is answered with (the peer sets e.g. ready / done / step)
         self.status: dict[str, Any] = {}
         # Over inproc a zero-copy reply hands the puller a view of my cached snapshot: a
@@ -215,14 +223,16 @@ class Transport:
         if self._inbox_fd is not None and self._loop is not None:
             self._loop.remove_reader(self._inbox_fd)
             self._inbox_fd = None
-        tasks = [t for t in (self._monitor_task, *self._replies) if t is not None]
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        for h in self._delayed.values():
+            h.cancel()
+        self._delayed.clear()
+        if self._monitor_task is not None:
+            self._monitor_task.cancel()
+            await asyncio.gather(self._monitor_task, return_exceptions=True)
         self._stop_monitor()
-        for d in self._pool.values():
-            self._close_dealer(d)
         self._pool.clear()
+        for d in list(self._dealers):  # pooled ones and evicted ones still in use
+            self._close_dealer(d)
         if self._inbox is not None:
             self._inbox.close(0)
 
@@ -316,13 +326,14 @@ class Transport:
             return
         rid, body = frames[0].bytes, frames[1:]
         self.counters.msgs_in += 1
-        self.counters.bytes_in += sum(len(f) for f in body)
         try:
-            req = wire.decode(body, kinds=(Kind.PULL_REQUEST, Kind.PING))
+            req = wire.decode(body, kinds=_SERVED)
         except WireError as e:
+            self.counters.bytes_in += sum(len(f) for f in body)
             self.counters.refusals[e.reason] += 1
             self._send(rid, wire.encode_error(self.id, 0, e.reason, e.detail))
             return
+        self.counters.bytes_in += req.nbytes
         if req.kind is Kind.PING:
             self._send(rid, wire.encode_request(self.id, req.request_id, Kind.PONG, self.status))
             return
@@ -337,15 +348,15 @@ class Transport:
             return
         copies, delay = self.links.plan(self.id, req.sender, payload.nbytes)
         if copies and delay > 0:
-            # Each delayed reply waits out its own delay: no head-of-line blocking.
-            t = asyncio.create_task(self._deliver_later(rid, frames_out, copies, delay))
-            self._replies.add(t)
-            t.add_done_callback(self._replies.discard)
+            # Each delayed reply waits out its own delay on a timer: no head-of-line blocking.
+            assert self._loop is not None
+            key = next(self._delayed_seq)
+            self._delayed[key] = self._loop.call_later(delay, self._deliver_delayed, key, rid, frames_out, copies)
         else:  # lost, or a zero-delay link: no task, no sleep (the emulator costs ~nothing)
             self._deliver(rid, frames_out, copies)
 
-    async def _deliver_later(self, rid: bytes, frames: list, copies: int, delay: float) -> None:
-        await asyncio.sleep(delay)
+    def _deliver_delayed(self, key: int, rid: bytes, frames: list, copies: int) -> None:
+        del self._delayed[key]
         self._deliver(rid, frames, copies)
 
     def _deliver(self, rid: bytes, frames: list, copies: int) -> None:
@@ -379,111 +390,72 @@ class Transport:
         self, peer: int, timeout: float | None = None, expect: Schema | None = None, kind: Kind = Kind.PULL_REQUEST
     ) -> PullResult:
         """Pull ``peer``'s current model. Never raises for network trouble; never hangs."""
-        timeout = self.config.timeout_s if timeout is None else timeout
-        t0 = time.perf_counter()
-        if self._closed:  # no socket may be opened after close(): it would never be closed
-            return self._count(PullResult(peer, False, reason="closed", detail="this transport is closed"), kind)
-        endpoint = self.directory.get(peer)
-        if endpoint is None or peer == self.id:
-            res = PullResult(peer, False, reason="unknown_peer", detail=f"peer {peer} is not in the directory")
-            return self._count(res, kind)
-        if self.security is not None and self.security.server_key(peer) is None:
-            res = PullResult(peer, False, reason="unknown_peer", detail=f"no CURVE public key for peer {peer}")
-            return self._count(res, kind)
-        dealer = self._dealer(peer, endpoint)
-        # Held from now on, not from when the lock is taken (on Python < 3.11 wait_for
-        # starts the task later): the LRU must not close this socket in between.
-        dealer.users += 1
-
-        async def locked() -> PullResult:
-            async with dealer.lock:
-                return await self._exchange(dealer, peer, expect if expect is not None else self.expect, kind)
-
-        try:
-            res = await _within(locked(), timeout)
-        except asyncio.TimeoutError:
-            # The socket may hold a late reply or a queued request: drop it, a fresh one
-            # replaces it on the next pull.
-            self._evict(peer, dealer)
-            res = PullResult(peer, False, reason="timeout", detail=f"no reply from peer {peer} within {timeout:.3g}s")
-        except zmq.ZMQError as e:  # e.g. the transport was closed under this pull
-            self._evict(peer, dealer)
-            res = PullResult(peer, False, reason="socket", detail=f"socket error pulling peer {peer}: {e}")
-        finally:
-            dealer.users -= 1
-            if dealer.evicted and dealer.users == 0:
-                self._close_dealer(dealer)
-            self._trim(self.config.pool_size)  # back to size after more concurrent pulls than it holds
-        res.latency_s = time.perf_counter() - t0
-        return self._count(res, kind)
+        return (await self._pulls((peer,), timeout, expect, kind))[0]
 
     async def pull_many(self, peers: Iterable[int], timeout: float | None = None) -> list[PullResult]:
         """Pull several peers concurrently; results in the order of ``peers``."""
-        return list(await asyncio.gather(*(self.pull(p, timeout) for p in peers)))
+        return await self._pulls(tuple(peers), timeout, None, Kind.PULL_REQUEST)
 
     async def ping(self, peer: int, timeout: float = 1.0) -> dict[str, Any] | None:
         """``peer``'s status map if it answers within ``timeout``, else None."""
         r = await self.pull(peer, timeout, kind=Kind.PING)
         return r.message.meta if r.ok and r.message is not None else None
 
-    async def _exchange(self, dealer: "_Dealer", peer: int, expect: Schema | None, kind: Kind) -> PullResult:
-        request_id = next(self._request_ids)
-        frames = wire.encode_request(self.id, request_id, kind)
-        if self.links is not None and not await self.links.transit(self.id, peer, len(frames[0])):
-            await asyncio.sleep(float("inf"))  # a lost request: only the timeout ends it
-        while True:  # a full or not yet connected socket (IMMEDIATE) waits; the timeout bounds it
-            try:
-                _send_now(dealer.sync, frames)
-                break
-            except zmq.Again:
-                await self._ready(dealer, _POLLOUT)
-        self.counters.msgs_out += 1
-        self.counters.bytes_out += len(frames[0])
-        while True:
-            await self._ready(dealer, _POLLIN)
-            reply = _recv_now(dealer.sync)
-            nbytes = sum(len(f) for f in reply)
-            self.counters.msgs_in += 1
-            self.counters.bytes_in += nbytes
-            want = (Kind.PONG, Kind.ERROR_REPLY) if kind is Kind.PING else (Kind.MODEL_REPLY, Kind.ERROR_REPLY)
-            try:
-                msg = wire.decode(reply, expect=expect, limits=self.config.limits, kinds=want)
-            except WireError as e:
-                return PullResult(peer, False, reason=e.reason, detail=e.detail, nbytes=nbytes)
-            if msg.request_id != request_id and not (msg.kind is Kind.ERROR_REPLY and msg.request_id == 0):
-                continue  # a late answer to an earlier request on this socket
-            if self.config.check_sender and msg.sender != peer:
-                return PullResult(
-                    peer, False, reason="sender", detail=f"asked peer {peer}, reply says {msg.sender}", nbytes=nbytes
-                )
-            if msg.kind is Kind.ERROR_REPLY:
-                return PullResult(peer, False, reason=f"refused:{msg.reason}", detail=msg.detail, nbytes=nbytes)
-            return PullResult(peer, True, message=msg, nbytes=nbytes)
+    async def _pulls(self, peers: tuple[int, ...], timeout: float | None, expect: Schema | None, kind: Kind) -> list[PullResult]:
+        """Run one pull per peer at once and wait for all of them.
 
-    async def _ready(self, dealer: "_Dealer", event: int) -> None:
-        """Wait until ``dealer`` can do ``event`` (POLLIN / POLLOUT).
-
-        Reading ``EVENTS`` re-arms ZeroMQ's edge-triggered descriptor, so a change after
-        the check makes it readable for the event loop, and one before it shows in the check.
+        A pull is not a task: it is sent, answered and timed out by event-loop callbacks
+        (:class:`_Pull`), and the caller's task wakes once, when the last one is done.
         """
-        while not dealer.sync.getsockopt(_EVENTS) & event:
-            assert self._loop is not None  # set when the DEALER was made
-            waiter = self._loop.create_future()
-            dealer.waiter = waiter
+        timeout = self.config.timeout_s if timeout is None else timeout
+        if self._loop is None:  # a transport that only pulls is never started
+            self._loop = asyncio.get_running_loop()
+        batch = _Batch(len(peers), self._loop.create_future())
+        ops = [self._start(peer, timeout, expect if expect is not None else self.expect, kind, batch, i)
+               for i, peer in enumerate(peers)]
+        if batch.left:
             try:
-                await waiter
-            finally:
-                dealer.waiter = None
+                await batch.future
+            except asyncio.CancelledError:  # the caller is gone: drop its pulls, count nothing
+                for op in ops:
+                    op.abandon()
+                raise
+        return batch.results  # type: ignore[return-value]
+
+    def _start(self, peer: int, timeout: float, expect: Schema | None, kind: Kind, batch: "_Batch", index: int) -> "_Pull":
+        op = _Pull(self, peer, expect, kind, batch, index)
+        if self._closed:  # no socket may be opened after close(): it would never be closed
+            op.finish(PullResult(peer, False, reason="closed", detail="this transport is closed"))
+            return op
+        endpoint = self.directory.get(peer)
+        if endpoint is None or peer == self.id:
+            op.finish(PullResult(peer, False, reason="unknown_peer", detail=f"peer {peer} is not in the directory"))
+            return op
+        if self.security is not None and self.security.server_key(peer) is None:
+            op.finish(PullResult(peer, False, reason="unknown_peer", detail=f"no CURVE public key for peer {peer}"))
+            return op
+        dealer = op.dealer = self._dealer(peer, endpoint)
+        dealer.users += 1  # held from now on: the LRU must not close this socket under the pull
+        assert self._loop is not None
+        op.timer = self._loop.call_at(self._loop.time() + timeout, op.expire)
+        if dealer.op is None:
+            op.begin()
+        else:  # one request in flight per socket, so that replies come back in order
+            dealer.queue.append(op)
+        return op
 
     def _close_dealer(self, d: "_Dealer") -> None:
-        """Close a DEALER; a pull waiting on it fails now (its descriptor is gone)."""
+        """Close a DEALER; the pulls using or queued on it fail now."""
+        if d.closed:
+            return
+        d.closed = True
+        self._dealers.discard(d)
         if self._loop is not None:
             # Before closing: a later socket may get the same descriptor number.
             self._loop.remove_reader(d.fd)
-        waiter, d.waiter = d.waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(zmq.ZMQError(zmq.ENOTSOCK, "the socket was closed"))
         d.sock.close(0)
+        for op in [*([d.op] if d.op is not None else []), *d.queue]:
+            op.finish(PullResult(op.peer, False, reason="socket", detail=f"socket to peer {op.peer} was closed"))
 
     def _count(self, res: PullResult, kind: Kind) -> PullResult:
         """Pull outcomes are counted; pings (readiness, liveness) are not pulls."""
@@ -515,11 +487,11 @@ class Transport:
             sock.setsockopt(zmq.CURVE_SERVERKEY, self.security.server_key(peer))
         sock.connect(endpoint)
         d = _Dealer(sock)
-        if self._loop is None:  # a transport that only pulls is never started
-            self._loop = asyncio.get_running_loop()
-        # Registered for the socket's lifetime: a pull only sets ``waiter``, no system call.
+        assert self._loop is not None
+        # Registered for the socket's lifetime: a pull only sets what it waits for.
         self._loop.add_reader(d.fd, d.on_ready)
         self._pool[peer] = d
+        self._dealers.add(d)
         return d
 
     def _trim(self, size: int) -> None:
@@ -546,42 +518,196 @@ class Transport:
         return len(self._pool) + (self._inbox is not None and not self._closed)
 
 
-if hasattr(asyncio, "timeout"):  # Python >= 3.11
-
-    async def _within(coro: Any, timeout: float) -> Any:
-        """``await coro`` with a deadline, in the caller's task: unlike ``wait_for`` (before
-        3.12) no extra task, so a pull costs two event-loop turns fewer."""
-        async with asyncio.timeout(timeout):
-            return await coro
-
-else:  # pragma: no cover - Python 3.10
-    _within = asyncio.wait_for
-
-
-@dataclass
 class _Dealer:
-    sock: zmq.asyncio.Socket
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    users: int = 0  # pulls holding or waiting for this socket
-    evicted: bool = False  # out of the pool; closed when users drops to 0
-    sync: zmq.Socket = field(init=False)  # a synchronous view of the same socket
-    fd: int = field(init=False)  # ZeroMQ's descriptor for the event loop
-    waiter: asyncio.Future | None = None  # the pull waiting for this socket, if any
+    """One outgoing socket to one peer, its descriptor registered with the event loop."""
 
-    def __post_init__(self) -> None:
-        self.sync = zmq.Socket.shadow(self.sock.underlying)
-        self.fd = self.sync.getsockopt(zmq.FD)
+    def __init__(self, sock: zmq.asyncio.Socket) -> None:
+        self.sock = sock
+        self.sync = zmq.Socket.shadow(sock.underlying)  # a synchronous view of the same socket
+        self.fd = self.sync.getsockopt(zmq.FD)  # ZeroMQ's descriptor for the event loop
+        self.users = 0  # pulls using or queued on this socket
+        self.evicted = False  # out of the pool; closed when users drops to 0
+        self.closed = False
+        self.op: _Pull | None = None  # the pull whose request is on this socket
+        self.want = 0  # what that pull waits for: POLLOUT to send, POLLIN for the reply
+        self.queue: deque[_Pull] = deque()  # pulls waiting for the socket
 
     def on_ready(self) -> None:
-        """The descriptor fired: wake the waiting pull, or re-arm it if none waits."""
-        w = self.waiter
-        if w is not None and not w.done():
-            w.set_result(None)  # it reads EVENTS itself, which re-arms the descriptor
-            return
+        """The descriptor fired: move the current pull on if what it waits for is there.
+
+        Reading ``EVENTS`` re-arms ZeroMQ's edge-triggered descriptor (else the loop would
+        call us again and again); ZeroMQ's internal commands (about half the firings during
+        a pull) do no other work.
+        """
+        op = self.op
         try:
-            self.sync.getsockopt(_EVENTS)  # else the loop would call us again and again
-        except zmq.ZMQError:
-            pass
+            events = self.sync.getsockopt(_EVENTS)
+        except zmq.ZMQError as e:
+            if op is not None:
+                op.fail(e)
+            return
+        if op is not None and events & self.want:
+            if self.want == _POLLIN:
+                op.receive()
+            else:
+                op.send()
+
+
+class _Batch:
+    """The results of one ``pull``/``pull_many`` call; its future is set by the last pull."""
+
+    __slots__ = ("results", "left", "future")
+
+    def __init__(self, n: int, future: asyncio.Future) -> None:
+        self.results: list[PullResult | None] = [None] * n
+        self.left = n
+        self.future = future
+
+    def deliver(self, index: int, res: PullResult) -> None:
+        self.results[index] = res
+        self.left -= 1
+        if not self.left and not self.future.done():
+            self.future.set_result(None)
+
+
+class _Pull:
+    """One pull: request out, reply in, decoded; driven by event-loop callbacks, not a task.
+
+    Life: queued on its DEALER (one request in flight per socket, so replies come back in
+    order) -> :meth:`begin` (the link emulator may delay or lose the request) -> :meth:`send`
+    -> :meth:`receive` -> :meth:`finish`. Its timer ends it in any state; a socket that timed
+    out may still hold a late reply or a queued request, so it is evicted and a fresh one
+    serves the next pull to that peer.
+    """
+
+    __slots__ = ("t", "peer", "expect", "kind", "batch", "index", "t0", "dealer", "timer", "later",
+                 "request_id", "frames", "done")
+
+    def __init__(self, t: Transport, peer: int, expect: Schema | None, kind: Kind, batch: _Batch, index: int) -> None:
+        self.t, self.peer, self.expect, self.kind, self.batch, self.index = t, peer, expect, kind, batch, index
+        self.t0 = time.perf_counter()
+        self.dealer: _Dealer | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.later: asyncio.TimerHandle | None = None  # a request the link emulator delays
+        self.request_id = 0
+        self.frames: list = []
+        self.done = False
+
+    def begin(self) -> None:
+        t, d = self.t, self.dealer
+        assert d is not None
+        d.op = self
+        self.request_id = next(t._request_ids)
+        self.frames = wire.encode_request(t.id, self.request_id, self.kind)
+        if t.links is not None:
+            copies, delay = t.links.plan(t.id, self.peer, len(self.frames[0]))
+            if not copies:
+                return  # a lost request: only the timer ends this pull
+            if delay > 0:
+                assert t._loop is not None
+                self.later = t._loop.call_later(delay, self.send)
+                return
+        self.send()
+
+    def send(self) -> None:
+        self.later = None
+        d = self.dealer
+        assert d is not None
+        try:
+            _send_now(d.sync, self.frames)
+        except zmq.Again:  # a full or not yet connected socket (IMMEDIATE): wait for room
+            d.want = _POLLOUT
+            assert self.t._loop is not None
+            self.t._loop.call_soon(d.on_ready)  # reads EVENTS: re-arms the descriptor, or sends now
+            return
+        except zmq.ZMQError as e:
+            self.fail(e)
+            return
+        c = self.t.counters
+        c.msgs_out += 1
+        c.bytes_out += len(self.frames[0])
+        d.want = _POLLIN
+        d.on_ready()  # reads EVENTS: re-arms the descriptor (or the reply is already here)
+
+    def receive(self) -> None:
+        """Read the replies queued on the socket until this pull's own one is there."""
+        d, t = self.dealer, self.t
+        assert d is not None
+        c = t.counters
+        want = _WANT_PONG if self.kind is Kind.PING else _WANT_MODEL
+        try:
+            while d.sync.getsockopt(_EVENTS) & _POLLIN:
+                reply = _recv_now(d.sync)
+                c.msgs_in += 1
+                try:
+                    msg = wire.decode(reply, expect=self.expect, limits=t.config.limits, kinds=want)
+                except WireError as e:
+                    nbytes = sum(memoryview(f).nbytes for f in reply)
+                    c.bytes_in += nbytes
+                    self.finish(PullResult(self.peer, False, reason=e.reason, detail=e.detail, nbytes=nbytes))
+                    return
+                nbytes = msg.nbytes  # counted by decode (a model's from its validated table)
+                c.bytes_in += nbytes
+                if msg.request_id != self.request_id and not (msg.kind is Kind.ERROR_REPLY and msg.request_id == 0):
+                    continue  # a late answer to an earlier request on this socket
+                if t.config.check_sender and msg.sender != self.peer:
+                    self.finish(PullResult(self.peer, False, reason="sender",
+                                           detail=f"asked peer {self.peer}, reply says {msg.sender}", nbytes=nbytes))
+                elif msg.kind is Kind.ERROR_REPLY:
+                    self.finish(PullResult(self.peer, False, reason=f"refused:{msg.reason}", detail=msg.detail,
+                                           nbytes=nbytes))
+                else:
+                    self.finish(PullResult(self.peer, True, message=msg, nbytes=nbytes))
+                return
+        except zmq.ZMQError as e:
+            self.fail(e)
+
+    def fail(self, e: zmq.ZMQError) -> None:
+        """The socket broke under this pull (e.g. the transport was closed)."""
+        self.t._evict(self.peer, self.dealer)
+        self.finish(PullResult(self.peer, False, reason="socket", detail=f"socket error pulling peer {self.peer}: {e}"))
+
+    def expire(self) -> None:
+        self.timer = None
+        if self.dealer is not None and self.dealer.op is self:
+            self.t._evict(self.peer, self.dealer)  # it may still get the reply, or hold the request
+        self.finish(PullResult(self.peer, False, reason="timeout",
+                               detail=f"no reply from peer {self.peer} within {time.perf_counter() - self.t0:.3g}s"))
+
+    def abandon(self) -> None:
+        """The caller was cancelled: end the pull without a result or a count."""
+        if not self.done:
+            if self.dealer is not None and self.dealer.op is self:
+                self.t._evict(self.peer, self.dealer)
+            self.finish(None)
+
+    def finish(self, res: PullResult | None) -> None:
+        if self.done:
+            return
+        self.done = True
+        for h in (self.timer, self.later):
+            if h is not None:
+                h.cancel()
+        self.timer = self.later = None
+        t, d = self.t, self.dealer
+        if d is not None:
+            if d.op is self:
+                d.op, d.want = None, 0
+            else:
+                try:
+                    d.queue.remove(self)
+                except ValueError:
+                    pass
+            d.users -= 1
+            if d.op is None and d.queue and not d.closed:
+                d.queue.popleft().begin()  # the next pull waiting for this socket
+            if d.evicted and d.users == 0:
+                t._close_dealer(d)
+            t._trim(t.config.pool_size)  # back to size after more concurrent pulls than it holds
+        if res is None:
+            return
+        res.latency_s = time.perf_counter() - self.t0
+        self.batch.deliver(self.index, t._count(res, self.kind))
 
 
 # ---------------------------------------------------------------------- endpoints

@@ -31,6 +31,7 @@ from typing import Any, Union
 import msgpack
 import numpy as np
 import torch
+import zmq
 
 SCHEMA_VERSION = 1
 
@@ -65,6 +66,10 @@ DTYPES: dict[str, tuple[torch.dtype, np.dtype]] = {
 }
 _TORCH_TO_WIRE = {tdt: name for name, (tdt, _) in DTYPES.items()}
 _FLOAT_DTYPES = {"float32", "float64", "float16", "bfloat16"}
+_NUMPY = {wd: npd for wd, (_, npd) in DTYPES.items()}
+_KINDS = {k.value: k for k in Kind}
+# Frames whose len() is their size in bytes (a memoryview's counts items of its format).
+_SIZED = (bytes, bytearray, zmq.Frame)
 
 Frame = Union[bytes, bytearray, memoryview, Any]  # Any: zmq.Frame (buffer protocol)
 
@@ -80,6 +85,10 @@ class Schema(dict[str, tuple[str, tuple[int, ...]]]):
     @functools.cached_property
     def entries(self) -> list[tuple[str, str, tuple[int, ...], int]]:
         return [(k, wd, tuple(shape), math.prod(shape) * DTYPES[wd][1].itemsize) for k, (wd, shape) in self.items()]
+
+    @functools.cached_property
+    def nbytes(self) -> int:
+        return sum(e[3] for e in self.entries)
 
     @functools.cached_property
     def wire_table(self) -> list[list[Any]]:
@@ -400,12 +409,9 @@ def _decode(
     version, kind_no, sender, request_id = head
     if type(version) is not int or version != SCHEMA_VERSION:  # True == 1.0 == 1 in Python
         raise WireError("version", f"schema version {version!r:.20}, this peer speaks {SCHEMA_VERSION}")
-    try:
-        if type(kind_no) is not int:
-            raise TypeError
-        kind = Kind(kind_no)
-    except (ValueError, TypeError):
-        raise WireError("kind", f"unknown message kind {kind_no!r:.20}") from None
+    kind = _KINDS.get(kind_no) if type(kind_no) is int else None  # a dict: Kind(...) costs more
+    if kind is None:
+        raise WireError("kind", f"unknown message kind {kind_no!r:.20}")
     if kinds is not None and kind not in kinds:
         raise WireError("kind", f"{kind.name} is not accepted here")
     sender = _int(sender, "sender")
@@ -461,30 +467,39 @@ def _decode(
         entries = [_table_entry(e, limits) for e in table]
         if expect is not None:
             _check_schema(entries, expect)
-    declared = sum(e[3] for e in entries)
+    if isinstance(expect, Schema) and entries is expect.entries:
+        declared = expect.nbytes
+    else:
+        declared = sum(e[3] for e in entries)
     if declared > limits.max_bytes:
         raise WireError("too_large", f"declared {declared} tensor bytes, bound is {limits.max_bytes}")
     check = kind is Kind.MODEL_REPLY and (limits.check_finite or limits.max_abs is not None)
     bound = math.inf if limits.max_abs is None else limits.max_abs**2
     tensors: dict[str, torch.Tensor] = {}
     suspects = []
-    with np.errstate(over="ignore", invalid="ignore"):
-        for (name, wd, shape, nb), frame in zip(entries, frames[2:]):
-            if name in tensors:
-                raise WireError("field", f"tensor {name!r:.60} appears twice")
-            flat = _array(name, wd, nb, frame)
-            t = torch.from_numpy(flat.reshape(shape))
-            tensors[name] = t.view(torch.bfloat16) if wd == "bfloat16" else t
-            if not check or not nb or wd not in _FLOAT_DTYPES:
+    for (name, wd, shape, nb), frame in zip(entries, frames[2:]):
+        if name in tensors:
+            raise WireError("field", f"tensor {name!r:.60} appears twice")
+        # The frame's bytes, shaped, with no copy: one numpy call where the frame's size is
+        # known cheaply (a received frame), the general path for any other buffer.
+        if type(frame) in _SIZED and len(frame) == nb:
+            arr = np.ndarray(shape, _NUMPY[wd], buffer=frame)
+            if not arr.flags.writeable:  # bytes: read-only, and torch wants writable memory
+                arr = arr.copy()
+        else:
+            arr = _array(name, wd, nb, frame).reshape(shape)
+        t = torch.from_numpy(arr)
+        tensors[name] = t.view(torch.bfloat16) if wd == "bfloat16" else t
+        if not check or not nb or wd not in _FLOAT_DTYPES:
+            continue
+        if wd in ("float32", "float64"):
+            # One dot product answers both questions in the common case: x.x is finite
+            # only if every x is (NaN/Inf propagate), and x.x <= b^2 implies every
+            # |x| <= b. Overflow or a large sum only sends us to the exact look below.
+            q = float(np.vdot(arr, arr))  # vdot flattens: no matrix product for 2-d tensors
+            if math.isfinite(q) and q <= bound:
                 continue
-            if wd in ("float32", "float64"):
-                # One dot product answers both questions in the common case: x.x is finite
-                # only if every x is (NaN/Inf propagate), and x.x <= b^2 implies every
-                # |x| <= b. Overflow or a large sum only sends us to the exact look below.
-                q = float(np.dot(flat, flat))
-                if math.isfinite(q) and q <= bound:
-                    continue
-            suspects.append(name)
+        suspects.append(name)
     for name in suspects:
         _check_values(name, tensors[name], limits)
     msg.tensors = tensors
