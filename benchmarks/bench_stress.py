@@ -4,7 +4,8 @@
     measured twice in the same run, interleaved: once by the stress engine (Transport pulls,
     ModelPayload replies, decoding and validation of every reply, asyncio) and once by a raw
     pyzmq engine (one blocking ``zmq.Poller`` loop per process over plain ROUTER inboxes and
-    DEALER sockets, request/reply of the same pre-built frames, ``copy=False``, no decoding).
+    DEALER sockets, request/reply of the same frames as pre-built ZeroMQ messages (``prepared_frames``, as the
+    Transport sends them), no decoding).
     Ratio = stress pulls/s / raw pulls/s; the target is >= 0.8 for 0.25 MB payloads.  Also the
     foundation benchmark's raw figure (bench_transport: one client, one request at a time,
     ipc between two processes) next to stress over the same link with the same bytes.
@@ -44,7 +45,7 @@ from _common import environment, json_line, table
 from zmqgossip import wire
 from zmqgossip.links import Latency, LinkProfile, Links, NetworkEmulation
 from zmqgossip.stress import StressConfig, fd_count, make_payloads, peak_rss_mb, run_stress
-from zmqgossip.transport import make_directory, preflight, routing_id
+from zmqgossip.transport import make_directory, prepared_frames, preflight, routing_id
 
 # ---------------------------------------------------------------------- (a) the raw engine
 
@@ -54,7 +55,8 @@ def raw_share(cfg: StressConfig, ids: list[int], directory: dict[int, str], barr
     ctx = zmq.Context()
     preflight(ctx, len(ids), cfg.pool_size, cfg.transport)
     payloads = make_payloads(cfg, ids)
-    replies = {pid: list(payloads[pid].reply(pid, 1)) for pid in ids}
+    # pre-built messages, as the Transport sends them (the fastest way pyzmq has)
+    replies = {pid: [wire.reply_head(pid, 1), *prepared_frames(payloads[pid].frames)] for pid in ids}
     poller = zmq.Poller()
     routers: dict[zmq.Socket, int] = {}
     for pid in ids:

@@ -6,7 +6,8 @@ and model size (0.25 MB LeNet, 10 MB), measured in the same run and interleaved:
   pull  ``Transport.pull``: request, reply from the cached ``ModelPayload``, decode with the
         receiver's schema into tensors (asyncio, as the peers run it)
   raw   a plain DEALER/ROUTER multipart request/reply of the same frames (blocking pyzmq;
-        the server replies with pre-built frames, ``copy=False``; no decoding)
+        the server replies with pre-built ZeroMQ messages, ``prepared_frames`` as the
+        Transport sends them; no decoding)
 
 Reported: pulls/s, GB/s of model bytes, p50/p99 latency over all rounds, and the ratio
 pull/raw of pulls per second, taken within each round (the two sides run back to back, so
@@ -35,7 +36,7 @@ import zmq.asyncio
 from _common import MB, MODELS, environment, json_line, median, pct, state_bytes, table
 
 from zmqgossip import wire
-from zmqgossip.transport import Transport, TransportConfig, ipc_dir
+from zmqgossip.transport import Transport, TransportConfig, ipc_dir, prepared_frames
 from zmqgossip.wire import ModelPayload
 
 SERVER, CLIENT = 1, 0
@@ -56,6 +57,12 @@ def build_payload(size: str) -> ModelPayload:
 
 
 # ------------------------------------------------------------------ raw pyzmq
+
+
+def raw_frames(payload: ModelPayload) -> list:
+    """The reply's frames as ZeroMQ messages built once, as the Transport sends them (the
+    fastest way pyzmq has to send the same bytes again and again)."""
+    return [wire.reply_head(SERVER, 1), *prepared_frames(payload.frames)]
 
 
 def raw_server_socket(ctx: zmq.Context, kind: str, base: str, tag: str) -> tuple[zmq.Socket, str]:
@@ -143,7 +150,7 @@ def child_main(conn, kinds: list[str], sizes: list[str], base: str) -> None:
     for k in kinds:
         for s in sizes:
             sock, ep = raw_server_socket(sctx, k, base, f"raw-{k}-{s}")
-            raw_socks[sock] = list(payloads[s].reply(SERVER, 1))
+            raw_socks[sock] = raw_frames(payloads[s])
             raw_eps[(k, s)] = ep
     stop = threading.Event()
     th = threading.Thread(target=raw_serve_forever, args=(raw_socks, stop), daemon=True)
@@ -203,7 +210,7 @@ def run_config(kind: str, size: str, where: str, seconds: float, base: str, remo
         # raw side
         if where == "1proc":
             payload = build_payload(size)
-            frames = list(payload.reply(SERVER, 1))
+            frames = raw_frames(payload)
             server, ep = raw_server_socket(sctx, kind, base, f"raw1-{tag}")
             client = raw_client(sctx, ep)
         else:

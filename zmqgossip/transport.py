@@ -70,6 +70,17 @@ def _recv_now(sock: zmq.Socket) -> list:
     return parts
 
 
+def prepared_frames(frames: Iterable[Any]) -> tuple[zmq.Frame, ...]:
+    """ZeroMQ messages made once, for frames sent many times (a published snapshot).
+
+    Every send then shares them by reference count. Sending the buffers themselves makes
+    a message per frame per send, and frees each zero-copy one through pyzmq's collector
+    thread (a GIL hand-off per frame per reply). Small frames are copied once here; large
+    ones are shared with their buffer, which must not change while they exist.
+    """
+    return tuple(zmq.Frame(f, copy=memoryview(f).nbytes < wire.ZERO_COPY_THRESHOLD) for f in frames)
+
+
 class TransportError(RuntimeError):
     """A transport cannot be set up (bad endpoint, limits too low, ...)."""
 
@@ -168,6 +179,7 @@ class Transport:
         self.endpoint = directory[peer_id] if bind is None else bind
         self.counters = Counters()
         self._payload: ModelPayload | None = None
+        self._frames: tuple = ()  # the published payload's frames, ready to send
         self._inbox: zmq.asyncio.Socket | None = None
         self._inbox_sync: zmq.Socket | None = None  # a synchronous view of the same socket
         self._inbox_fd: int | None = None  # registered with the event loop while serving
@@ -184,7 +196,7 @@ class Transport:
         self.status: dict[str, Any] = {}
         # Over inproc a zero-copy reply hands the puller a view of my cached snapshot: a
         # puller that changed its tensors in place would change what I serve. Copy there.
-        self._copy_out = False
+        self._copy_out = self.endpoint.startswith("inproc://")
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -241,7 +253,8 @@ class Transport:
         t = Transport(self.ctx, self.id, self.directory, config=self.config, expect=self.expect, links=self.links,
                       security=self.security)
         t.counters = self.counters
-        t._payload = self._payload
+        if self._payload is not None:
+            t.publish(self._payload)
         return t
 
     # ------------------------------------------------------------------ CURVE
@@ -292,6 +305,10 @@ class Transport:
     def publish(self, payload: ModelPayload) -> None:
         """Make ``payload`` the snapshot every later request is answered with."""
         self._payload = payload
+        if self._copy_out:
+            self._frames = payload.frames
+        else:
+            self._frames = prepared_frames(payload.frames)
 
     @property
     def published(self) -> ModelPayload | None:
@@ -342,7 +359,7 @@ class Transport:
             self.counters.refusals["not_ready"] += 1
             self._send(rid, wire.encode_error(self.id, req.request_id, "not_ready", "no model published yet"))
             return
-        frames_out = payload.reply(self.id, req.request_id)
+        frames_out = [wire.reply_head(self.id, req.request_id), *self._frames]
         if self.links is None:
             self._send(rid, frames_out, served=True, nbytes=payload.nbytes + len(frames_out[0]))
             return

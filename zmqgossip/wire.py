@@ -310,7 +310,12 @@ class ModelPayload:
 
     def reply(self, sender: int, request_id: int, kind: Kind = Kind.MODEL_REPLY) -> list[Frame]:
         """The frames answering one request: a fresh head and the cached rest."""
-        return [_head(kind, sender, request_id), *self.frames]
+        return [reply_head(sender, request_id, kind), *self.frames]
+
+
+def reply_head(sender: int, request_id: int, kind: Kind = Kind.MODEL_REPLY) -> bytes:
+    """The head frame of a reply; the rest of a model reply is its payload's cached frames."""
+    return _head(kind, sender, request_id)
 
 
 def encode_model(
