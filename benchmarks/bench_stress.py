@@ -24,7 +24,6 @@ Usage: python benchmarks/bench_stress.py [--quick] [--seconds S] [--skip a,b,c,d
 from __future__ import annotations
 
 import argparse
-import asyncio
 import multiprocessing as mp
 import os
 import random
@@ -45,7 +44,7 @@ from _common import environment, json_line, table
 from zmqgossip import wire
 from zmqgossip.links import Latency, LinkProfile, Links, NetworkEmulation
 from zmqgossip.stress import StressConfig, fd_count, make_payloads, peak_rss_mb, run_stress
-from zmqgossip.transport import make_directory, prepared_frames, preflight, routing_id
+from zmqgossip.transport import make_directory, preflight, prepared_frames, routing_id
 
 # ---------------------------------------------------------------------- (a) the raw engine
 
@@ -316,14 +315,6 @@ def bench_emulator(seconds: float, rounds: int) -> tuple[list[dict], dict]:
             links.plan(i % 100, (i * 7 + 1) % 100, 1000)
         plan_us[name] = (time.perf_counter() - t0) / n * 1e6
 
-    async def transits() -> float:
-        links = Links(NetworkEmulation(), 100, seed=0)
-        t0 = time.perf_counter()
-        for i in range(n):
-            await links.transit(i % 100, (i * 7 + 1) % 100, 1000)
-        return (time.perf_counter() - t0) / n * 1e6
-
-    plan_us["ideal transit (await)"] = asyncio.run(transits())
     return rows, plan_us
 
 
