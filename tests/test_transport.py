@@ -235,6 +235,81 @@ def test_silent_peer_times_out_within_its_timeout(actx, run_async):
 
 
 @pytest.mark.parametrize("kind", ["inproc", "ipc"])
+def test_concurrent_pulls_of_one_peer_take_turns_on_its_socket_and_each_gets_the_model(kind, actx, directory_of, run_async):
+    state = reference_state(3)
+
+    async def body():
+        d = directory_of(kind, [0, 1])
+        ts = await started(actx, d, [0, 1])
+        ts[1].publish(payload(state))
+        try:
+            # one socket per peer, one request in flight on it: the other pulls queue behind
+            many = await ts[0].pull_many([1] * 6, timeout=5)
+            single = await asyncio.gather(*(ts[0].pull(1, timeout=5) for _ in range(4)))
+            for r in [*many, *single]:
+                assert r.ok, r
+                assert_same_state(r.message.tensors, state)
+            assert ts[0].sockets_open == 2  # the inbox and one DEALER
+            assert ts[0].counters.pulls_ok == 10 and ts[1].counters.served == 10
+        finally:
+            await close_all(ts)
+
+    run_async(body(), 20)
+
+
+def test_a_cancelled_pull_counts_nothing_and_leaves_the_transport_usable(actx, run_async):
+    state = reference_state(4)
+
+    async def body():
+        d = make_directory("inproc", [0, 1, 2])
+        router = actx.socket(zmq.ROUTER)  # peer 1: bound, never answers
+        router.setsockopt(zmq.LINGER, 0)
+        router.bind(d[1])
+        ts = await started(actx, d, [0, 2])
+        ts[2].publish(payload(state))
+        try:
+            task = asyncio.create_task(ts[0].pull_many([1, 1, 2], timeout=30))
+            await asyncio.sleep(0.2)
+            assert not task.done()  # waiting on the silent peer (one pull queued behind)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            c = ts[0].counters
+            assert c.pulls_failed == 0 and c.pull_failures == Counter()
+            assert 1 not in ts[0]._pool  # its socket may still get the reply: dropped
+            assert not ts[0]._dealers - set(ts[0]._pool.values())  # nothing left open on the side
+            r = await ts[0].pull(2, timeout=5)
+            assert r.ok and ts[0].counters.pulls_ok == 2  # the pull of 2 finished before the cancel
+        finally:
+            await close_all(ts)
+            router.close(0)
+
+    run_async(body(), 15)
+
+
+def test_closing_a_transport_fails_its_pulls_in_flight_and_queued_at_once(actx, run_async):
+    async def body():
+        d = make_directory("inproc", [0, 1])
+        router = actx.socket(zmq.ROUTER)  # never answers
+        router.setsockopt(zmq.LINGER, 0)
+        router.bind(d[1])
+        t = Transport(actx, 0, d)
+        await t.start()
+        try:
+            task = asyncio.create_task(t.pull_many([1, 1, 1], timeout=30))
+            await asyncio.sleep(0.2)
+            await t.close()
+            results = await asyncio.wait_for(task, 5)  # now, not after the 30 s timeout
+            assert [r.reason for r in results] == ["socket"] * 3
+            assert not t._dealers and t.sockets_open == 0
+        finally:
+            await t.close()
+            router.close(0)
+
+    run_async(body(), 15)
+
+
+@pytest.mark.parametrize("kind", ["inproc", "ipc"])
 def test_every_model_pulled_while_the_server_republishes_is_self_consistent(kind, actx, directory_of, run_async):
     live = {
         "a": torch.zeros(20_000),  # above the zero-copy threshold
