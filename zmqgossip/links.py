@@ -4,8 +4,9 @@ No root and no kernel queueing discipline: the transport asks :meth:`Links.plan`
 every message it sends, and this module decides how long the message travels and whether
 it arrives at all; the transport holds the message back that long on a timer of the event
 loop.  Each message is delayed from its own send time, so a delayed message never holds up
-a later one (no head-of-line blocking); bandwidth is a token bucket per directed link, so a 10 MB model
-over a 10 Mbit/s link takes about 8 s and two models back to back take twice that.
+a later one (no head-of-line blocking); bandwidth is a token bucket per directed link, so a
+10 MB model over a 10 Mbit/s link takes about 8 s and two models back to back take twice
+that.
 
 Randomness is drawn per directed link from a generator seeded by (seed, src, dst), so the
 same messages over the same link see the same delays and losses: runs with the

@@ -218,7 +218,6 @@ class Transport:
             raise TransportError(f"peer {self.id} cannot bind {self.endpoint}: {e}") from None
         if self.endpoint.startswith("tcp://") and self.endpoint.endswith(":0"):
             self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        self._copy_out = self.endpoint.startswith("inproc://")
         self._inbox = sock
         self._inbox_sync = zmq.Socket.shadow(sock.underlying)
         # Served straight from the event loop's readiness callback: no task, no Future per

@@ -66,7 +66,6 @@ DTYPES: dict[str, tuple[torch.dtype, np.dtype]] = {
 }
 _TORCH_TO_WIRE = {tdt: name for name, (tdt, _) in DTYPES.items()}
 _FLOAT_DTYPES = {"float32", "float64", "float16", "bfloat16"}
-_NUMPY = {wd: npd for wd, (_, npd) in DTYPES.items()}
 _KINDS = {k.value: k for k in Kind}
 # Frames whose len() is their size in bytes (a memoryview's counts items of its format).
 _SIZED = (bytes, bytearray, zmq.Frame)
@@ -488,7 +487,7 @@ def _decode(
         # The frame's bytes, shaped, with no copy: one numpy call where the frame's size is
         # known cheaply (a received frame), the general path for any other buffer.
         if type(frame) in _SIZED and len(frame) == nb:
-            arr = np.ndarray(shape, _NUMPY[wd], buffer=frame)
+            arr = np.ndarray(shape, DTYPES[wd][1], buffer=frame)
             if not arr.flags.writeable:  # bytes: read-only, and torch wants writable memory
                 arr = arr.copy()
         else:
