@@ -200,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         json.dumps(
             {
-                "bench": "learning",
+                "benchmark": "learning",
+                "quick": args.quick,
                 "model": "cnn28",
                 "dataset": "mnist-bundled",
                 "n_train": N_TRAIN,

@@ -325,7 +325,7 @@ def main() -> None:
         print(f"{f['config']}: runner / plain loop = {f['ratio']:.3f} ({verdict} the 0.9 target); "
               f"baseline before/after {f['baseline_before_per_s']:.1f}/{f['baseline_after_per_s']:.1f} r/s")
     print(f"pinned to CPUs {pinned}" if pinned else "not pinned", f"; load average before/after: {load0} / {os.getloadavg()}")
-    json_line("bench_peers", {"quick": args.quick, "cpus_pinned": pinned, "load_avg_before": load0, "environment": environment(),
+    json_line("peers", {"quick": args.quick, "cpus_pinned": pinned, "load_avg_before": load0, "environment": environment(),
                               "configs": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in f.items()} for f in figures]})
 
 

@@ -9,10 +9,22 @@ and model size (0.25 MB LeNet, 10 MB), measured in the same run and interleaved:
         the server replies with pre-built ZeroMQ messages, ``prepared_frames`` as the
         Transport sends them; no decoding)
 
+Between two processes, two more sides split the gap between pull and raw, against the
+same Transport server as the pulls:
+
+  floor   the least an asyncio client does: send the request on a bare DEALER, wait for
+          its descriptor on the event loop, receive the frames; no decoding
+  floor+  the same, then ``decode`` with the receiver's schema (the validation every
+          pull must do: headers, tensor table, a finiteness pass over every value)
+
+so raw -> floor is the price of waiting on an event loop instead of blocking in ZeroMQ,
+floor -> floor+ the price of validating into tensors, and floor+ -> pull what the
+Transport itself adds (request ids, timeouts, the socket pool, counters).
+
 Reported: pulls/s, GB/s of model bytes, p50/p99 latency over all rounds, and the ratio
-pull/raw of pulls per second, taken within each round (the two sides run back to back, so
-they share the machine's load) and then the median over rounds (target >= 0.8 for both
-sizes on ipc between two processes). Timing is never asserted.
+to raw of pulls per second, taken within each round (the sides run back to back, so
+they share the machine's load) and then the median over rounds (target for pull >= 0.8
+for both sizes on ipc between two processes). Timing is never asserted.
 
 Usage: python benchmarks/bench_transport.py [--quick] [--seconds S]
 """
@@ -28,6 +40,7 @@ import signal
 import sys
 import threading
 import time
+from typing import Any
 
 import torch
 import zmq
@@ -39,7 +52,7 @@ from zmqgossip import wire
 from zmqgossip.transport import Transport, TransportConfig, ipc_dir, prepared_frames
 from zmqgossip.wire import ModelPayload
 
-SERVER, CLIENT = 1, 0
+SERVER, CLIENT, FLOOR = 1, 0, 2
 ROUNDS = 5  # pull and raw alternate this many times per configuration
 RAW_TIMEOUT_MS = 30_000
 
@@ -115,6 +128,56 @@ def time_raw(client, req, server, frames, seconds: float, warmup: int = 3) -> li
         t0 = time.perf_counter()
         raw_once(client, req, server, frames)
         lat.append(time.perf_counter() - t0)
+    return lat
+
+
+# ------------------------------------------------------------------ the asyncio floor
+
+
+class Floor:
+    """A bare asyncio request/reply client: a DEALER whose descriptor the event loop
+    watches, one request in flight. What any event-loop client pays, with no Transport."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, schema: wire.Schema | None) -> None:
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTING_ID, b"floor-%d" % id(self))  # unique: the server hands an id over
+        self.sock.connect(endpoint)
+        self.schema = schema
+        self.req = wire.encode_request(FLOOR, 1)
+        self.loop = asyncio.get_running_loop()
+        self.fd = self.sock.getsockopt(zmq.FD)
+        self.future: asyncio.Future | None = None
+        self.loop.add_reader(self.fd, self._ready)
+
+    def _ready(self) -> None:
+        # ZeroMQ's descriptor is edge-triggered: reading EVENTS re-arms it.
+        if self.future is not None and self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            frames = self.sock.recv_multipart(copy=False)
+            fut, self.future = self.future, None
+            fut.set_result(wire.decode(frames, expect=self.schema) if self.schema is not None else frames)
+
+    async def once(self) -> Any:
+        fut = self.future = self.loop.create_future()
+        self.sock.send_multipart(self.req)
+        self._ready()
+        return await asyncio.wait_for(fut, 30)
+
+    def close(self) -> None:
+        self.loop.remove_reader(self.fd)
+        self.sock.close(0)
+
+
+async def time_floor(f: Floor, seconds: float, warmup: int = 3) -> list[float]:
+    for _ in range(warmup):
+        await f.once()
+    lat = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end or len(lat) < 5:
+        t0 = time.perf_counter()
+        got = await f.once()  # held until the next one arrives, as time_pulls holds its result
+        lat.append(time.perf_counter() - t0)
+    del got
     return lat
 
 
@@ -202,9 +265,9 @@ def run_config(kind: str, size: str, where: str, seconds: float, base: str, remo
     nbytes = state_bytes(state)
     sctx = zmq.Context()
     actx = zmq.asyncio.Context()
-    raw_lat: list[float] = []
-    pull_lat: list[float] = []
-    round_ratios: list[float] = []
+    sides = ("raw", "pull", "floor", "floor+") if where == "2proc" else ("raw", "pull")
+    lat: dict[str, list[float]] = {k: [] for k in sides}
+    ratios: dict[str, list[float]] = {k: [] for k in sides if k != "raw"}
     tag = f"{kind}-{size}"
     try:
         # raw side
@@ -230,16 +293,23 @@ def run_config(kind: str, size: str, where: str, seconds: float, base: str, remo
                 d = {SERVER: remote["pull"][(kind, size)], CLIENT: endpoint_for(kind, base, f"c2-{tag}")}
             me = Transport(actx, CLIENT, d, config=TransportConfig(timeout_s=30), expect=schema)
             await me.start()
+            floors = {"floor": Floor(sctx, d[SERVER], None), "floor+": Floor(sctx, d[SERVER], schema)} if "floor" in sides else {}
             try:
                 for _ in range(ROUNDS):
-                    raw = time_raw(client, req, server, frames, seconds / ROUNDS)
-                    pull = await time_pulls(me, seconds / ROUNDS)
-                    raw_lat.extend(raw)
-                    pull_lat.extend(pull)
-                    round_ratios.append((len(pull) / sum(pull)) / (len(raw) / sum(raw)))
+                    got = {"raw": time_raw(client, req, server, frames, seconds / ROUNDS),
+                           "pull": await time_pulls(me, seconds / ROUNDS)}
+                    for k, f in floors.items():
+                        got[k] = await time_floor(f, seconds / ROUNDS)
+                    raw_rate = len(got["raw"]) / sum(got["raw"])
+                    for k, ts in got.items():
+                        lat[k].extend(ts)
+                        if k != "raw":
+                            ratios[k].append((len(ts) / sum(ts)) / raw_rate)
                 r = await me.pull(SERVER)
                 assert r.ok and all(torch.equal(r.message.tensors[k], state[k]) for k in state)
             finally:
+                for f in floors.values():
+                    f.close()
                 await me.close()
                 if srv is not None:
                     await srv.close()
@@ -251,10 +321,13 @@ def run_config(kind: str, size: str, where: str, seconds: float, base: str, remo
     finally:
         actx.destroy(0)
         sctx.destroy(0)
-    pull, raw = summarize(pull_lat, nbytes), summarize(raw_lat, nbytes)
-    # the ratio within each round (pull and raw ran back to back), median over rounds
-    return {"kind": kind, "size": size, "where": where, "bytes": nbytes, "pull": pull, "raw": raw,
-            "ratio": median(round_ratios), "ratio_rounds": round_ratios}
+    # each side's ratio to raw within each round (the sides ran back to back), median over rounds
+    out = {"kind": kind, "size": size, "where": where, "bytes": nbytes, "sides": sides,
+           **{k: summarize(v, nbytes) for k, v in lat.items()},
+           "ratio": median(ratios["pull"]), "ratio_rounds": ratios["pull"]}
+    for k in sides[2:]:
+        out[f"{k}_ratio"] = median(ratios[k])
+    return out
 
 
 def main() -> None:
@@ -297,17 +370,18 @@ def main() -> None:
 
     rows = []
     for r in results:
-        for side in ("raw", "pull"):
+        for side in r["sides"]:
             x = r[side]
-            rows.append([r["kind"], r["where"], r["size"], side, x["n"], x["per_s"], x["GBps"], x["p50_ms"], x["p99_ms"],
-                         r["ratio"] if side == "pull" else ""])
+            ratio = {"raw": "", "pull": r["ratio"]}.get(side, r.get(f"{side}_ratio"))
+            rows.append([r["kind"], r["where"], r["size"], side, x["n"], x["per_s"], x["GBps"], x["p50_ms"], x["p99_ms"], ratio])
     print(f"\nmodel pulls vs raw pyzmq request/reply, {seconds:g}s per side and configuration, torch threads = "
           f"{torch.get_num_threads()}")
-    print(table(["kind", "where", "model", "side", "n", "per s", "GB/s", "p50 ms", "p99 ms", "pull/raw"], rows))
+    print(table(["kind", "where", "model", "side", "n", "per s", "GB/s", "p50 ms", "p99 ms", "x raw"], rows))
     for r in results:
         if r["kind"] == "ipc" and r["where"] == "2proc":
-            print(f"ipc, two processes, {r['size']} ({r['bytes'] / MB:.2f} MiB): pull/raw = {r['ratio']:.2f} (target >= 0.8)")
-    figures = {f"{r['kind']}_{r['where']}_{r['size']}": {k: r[k] for k in ("pull", "raw", "ratio", "ratio_rounds")}
+            print(f"ipc, two processes, {r['size']} ({r['bytes'] / MB:.2f} MiB): pull/raw = {r['ratio']:.2f} (target >= 0.8); "
+                  f"asyncio floor {r['floor_ratio']:.2f}, floor + decode {r['floor+_ratio']:.2f}")
+    figures = {f"{r['kind']}_{r['where']}_{r['size']}": {k: v for k, v in r.items() if k not in ("kind", "size", "where", "sides")}
                for r in results}
     json_line("transport", {"env": environment(), "quick": args.quick, "seconds": seconds, **figures})
 
