@@ -155,7 +155,10 @@ class Floor:
         if self.future is not None and self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             frames = self.sock.recv_multipart(copy=False)
             fut, self.future = self.future, None
-            fut.set_result(wire.decode(frames, expect=self.schema) if self.schema is not None else frames)
+            try:
+                fut.set_result(wire.decode(frames, expect=self.schema) if self.schema is not None else frames)
+            except wire.WireError as e:  # fail the benchmark at once, not after a timeout
+                fut.set_exception(e)
 
     async def once(self) -> Any:
         fut = self.future = self.loop.create_future()
