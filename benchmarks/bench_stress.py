@@ -4,8 +4,8 @@
     measured twice in the same run, interleaved: once by the stress engine (Transport pulls,
     ModelPayload replies, decoding and validation of every reply, asyncio) and once by a raw
     pyzmq engine (one blocking ``zmq.Poller`` loop per process over plain ROUTER inboxes and
-    DEALER sockets, request/reply of the same frames as pre-built ZeroMQ messages (``prepared_frames``, as the
-    Transport sends them), no decoding).
+    DEALER sockets, request/reply of the same frames as pre-built ZeroMQ messages
+    (``prepared_frames``, as the Transport sends them), no decoding).
     Ratio = stress pulls/s / raw pulls/s; the target is >= 0.8 for 0.25 MB payloads.  Also the
     foundation benchmark's raw figure (bench_transport: one client, one request at a time,
     ipc between two processes) next to stress over the same link with the same bytes.

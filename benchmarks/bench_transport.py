@@ -40,6 +40,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import torch
@@ -171,34 +172,27 @@ class Floor:
         self.sock.close(0)
 
 
-async def time_floor(f: Floor, seconds: float, warmup: int = 3) -> list[float]:
-    for _ in range(warmup):
-        await f.once()
-    lat = []
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end or len(lat) < 5:
-        t0 = time.perf_counter()
-        got = await f.once()  # held until the next one arrives, as time_pulls holds its result
-        lat.append(time.perf_counter() - t0)
-    del got
-    return lat
-
-
 # ------------------------------------------------------------------ pulls
 
 
-async def time_pulls(t: Transport, seconds: float, warmup: int = 3) -> list[float]:
+async def pull_once(t: Transport) -> Any:
+    r = await t.pull(SERVER, timeout=30)
+    if not r.ok:
+        raise RuntimeError(f"pull failed: {r.reason} {r.detail}")
+    return r
+
+
+async def time_async(call: Callable[[], Awaitable[Any]], seconds: float, warmup: int = 3) -> list[float]:
+    """Latencies of ``await call()`` one after another for ``seconds`` (at least 5)."""
     for _ in range(warmup):
-        r = await t.pull(SERVER, timeout=30)
-        assert r.ok, r
+        await call()
     lat = []
     end = time.perf_counter() + seconds
     while time.perf_counter() < end or len(lat) < 5:
         t0 = time.perf_counter()
-        r = await t.pull(SERVER, timeout=30)
+        got = await call()  # held until the next one arrives, as a user holds a pulled model
         lat.append(time.perf_counter() - t0)
-        if not r.ok:
-            raise RuntimeError(f"pull failed: {r.reason} {r.detail}")
+    del got
     return lat
 
 
@@ -300,9 +294,9 @@ def run_config(kind: str, size: str, where: str, seconds: float, base: str, remo
             try:
                 for _ in range(ROUNDS):
                     got = {"raw": time_raw(client, req, server, frames, seconds / ROUNDS),
-                           "pull": await time_pulls(me, seconds / ROUNDS)}
+                           "pull": await time_async(lambda: pull_once(me), seconds / ROUNDS)}
                     for k, f in floors.items():
-                        got[k] = await time_floor(f, seconds / ROUNDS)
+                        got[k] = await time_async(f.once, seconds / ROUNDS)
                     raw_rate = len(got["raw"]) / sum(got["raw"])
                     for k, ts in got.items():
                         lat[k].extend(ts)
