@@ -15,17 +15,20 @@ By default the process is pinned to one CPU (``--cores``): the target is a ratio
 on one core, where everything the event loop does comes out of the compute budget.
 
 Per config it prints: peer-rounds per second of both (the runner from its first
-``Peer.run`` entered to its last one left, so warm-up and the final evaluation are out;
-the baseline run half before and half after the runner, to even out a drifting
-machine), their ratio, the same in CPU time (process CPU per peer-round, robust to other
-load on a shared machine; the event loop's share is the main thread's CPU time), and the
+``Peer.run`` entered to its last one left, so warm-up and the final evaluation are out),
+their ratio (``--repeats`` runner runs, 3 by default, each between two baseline segments
+of half its length, B R B R B R B: each run is compared with the segments beside it and
+the median ratio is the figure, so a machine drifting by 10-20% within a minute, as this
+shared one does, moves the figure less), the same in CPU time (process CPU per
+peer-round, robust to other load on a shared machine; the event loop's share is the main
+thread's CPU time), and the
 share of the runner's whole wall time spent outside compute (1 - sum of the peers'
 ``compute_s`` / wall; ``compute_s`` is wall time inside the executor thread, warm-up,
 snapshot encoding, checkpoints and final evaluations included, so on one core it also
 counts time the compute thread was preempted by the event loop).
 
 Configs: (a) digits + MLP, label shift; (b) mnist-bundled + CNN28, rotation 0/180.
-Run: ``python benchmarks/bench_peers.py [--quick] [--only mlp|cnn] [--profile]``.
+Run: ``python benchmarks/bench_peers.py [--quick] [--only mlp|cnn] [--repeats R] [--profile]``.
 Ends with one JSON line of all figures.
 """
 
@@ -41,7 +44,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from _common import environment, json_line, table  # noqa: F401  (also puts the checkout on sys.path)
+from _common import environment, json_line, median, table  # noqa: F401  (also puts the checkout on sys.path)
 
 import numpy as np
 import torch
@@ -237,20 +240,42 @@ class PlainLoop:
 # ---------------------------------------------------------------------------- main
 
 
-def bench(setting: Setting, rounds: int, profile: bool) -> dict:
+def bench(setting: Setting, rounds: int, profile: bool, repeats: int) -> dict:
+    """``repeats`` runner runs, each between two baseline segments of half its peer-rounds
+    (B R B R ... B): each run's ratio is to the mean rate of the two segments around it,
+    the figure is the median of those ratios (a shared machine drifts by 10-20% within a
+    minute here; one run against one baseline read that drift as a result)."""
     cfg = setting.cfg(rounds)
     torch.set_num_threads(1)
     base = PlainLoop(cfg)
     total = cfg.peers * rounds
-    first = total // 2
+    half = total // 2
     base.run(cfg.peers)  # warm-up: one pass, untimed (the runner warms up too)
-    b1, c1 = base.run(first)
+    segments = [base.run(half)]
+    runs = []
     with tempfile.TemporaryDirectory(prefix="bench-peers-") as out:
-        r = run_runner(cfg, Path(out) / "run", profile)
-    torch.set_num_threads(1)
-    b2, c2 = base.run(total - first)
-    base_rate = total / (b1 + b2)
-    base_cpu_ms = 1000 * (c1 + c2) / total
+        for k in range(repeats):
+            runs.append(run_runner(cfg, Path(out) / f"run{k}", profile and k == 0))
+            torch.set_num_threads(1)
+            segments.append(base.run(half))
+    per_run = []
+    for k, r in enumerate(runs):
+        (w1, c1), (w2, c2) = segments[k], segments[k + 1]
+        base_rate, base_cpu_ms = 2 * half / (w1 + w2), 1000 * (c1 + c2) / (2 * half)
+        per_run.append({
+            "ratio": r["rounds_per_s"] / base_rate,
+            "cpu_ratio": base_cpu_ms / r["cpu_ms_per_round"],
+            "baseline_rounds_per_s": base_rate,
+            "baseline_cpu_ms_per_round": base_cpu_ms,
+            "rounds_per_s": r["rounds_per_s"],
+            "main_thread_cpu_ms_per_round": r["main_thread_cpu_ms_per_round"],
+        })
+    # The run whose ratio is the median stands for the config; every run's figures are kept.
+    mid = sorted(range(repeats), key=lambda k: per_run[k]["ratio"])[repeats // 2] if repeats % 2 else None
+    ratio = median([p["ratio"] for p in per_run])
+    cpu_ratio = median([p["cpu_ratio"] for p in per_run])
+    shown = runs[mid] if mid is not None else runs[-1]
+    shown_base = per_run[mid if mid is not None else -1]
     return {
         "config": setting.key,
         "label": setting.label,
@@ -261,15 +286,18 @@ def bench(setting: Setting, rounds: int, profile: bool) -> dict:
         "n_train": cfg.data.n_train,
         "n_val": cfg.data.n_val,
         "epochs": cfg.train.epochs,
-        "baseline_rounds_per_s": base_rate,
-        "baseline_before_per_s": first / b1,
-        "baseline_after_per_s": (total - first) / b2,
-        "baseline_ms_per_round": 1000.0 / base_rate,
-        **r,
-        "baseline_cpu_ms_per_round": base_cpu_ms,
-        "runner_ms_per_round": 1000.0 / r["rounds_per_s"],
-        "ratio": r["rounds_per_s"] / base_rate,
-        "cpu_ratio": base_cpu_ms / r["cpu_ms_per_round"],
+        "repeats": repeats,
+        "baseline_segments_per_s": [half / w for w, _ in segments],
+        **shown,
+        "baseline_rounds_per_s": shown_base["baseline_rounds_per_s"],
+        "baseline_ms_per_round": 1000.0 / shown_base["baseline_rounds_per_s"],
+        "baseline_cpu_ms_per_round": shown_base["baseline_cpu_ms_per_round"],
+        "runner_ms_per_round": 1000.0 / shown["rounds_per_s"],
+        "ratio": ratio,
+        "cpu_ratio": cpu_ratio,
+        "ratios": [p["ratio"] for p in per_run],
+        "cpu_ratios": [p["cpu_ratio"] for p in per_run],
+        "runs": per_run,
     }
 
 
@@ -288,6 +316,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny variant (a few seconds a config)")
     ap.add_argument("--only", choices=["mlp", "cnn"], help="run one config")
     ap.add_argument("--rounds", type=int, help="rounds per peer (default: per config)")
+    ap.add_argument("--repeats", type=int, help="runner runs per config, each between two baseline segments; "
+                                                "the ratio is their median (default 3; --quick: 1)")
     ap.add_argument("--profile", action="store_true", help="cProfile the runner's event loop and compute threads; print the top functions")
     ap.add_argument("--cores", type=int, default=1,
                     help="pin this process to that many CPUs (default 1: the target is >= 0.9 on one core; 0: no pinning)")
@@ -299,7 +329,7 @@ def main() -> None:
     for key, (setting, rounds) in settings(args.quick).items():
         if args.only and key != args.only:
             continue
-        f = bench(setting, args.rounds or rounds, args.profile)
+        f = bench(setting, args.rounds or rounds, args.profile, args.repeats or (1 if args.quick else 3))
         prof = f.pop("profile", None)
         figures.append(f)
         print(f"[{key}] {setting.label} ({f['model']}): {f['peers']} peers x {f['rounds']} rounds, n={f['n']}, "
@@ -307,11 +337,12 @@ def main() -> None:
         if prof:
             print(prof)
 
-    headers = ["config", "peer-rounds", "baseline r/s", "runner r/s", "ratio", "base ms/r", "runner ms/r",
+    headers = ["config", "peer-rounds", "baseline r/s", "runner r/s", "ratio (median)", "ratios", "base ms/r", "runner ms/r",
                "base cpu ms/r", "runner cpu ms/r", "event loop cpu ms/r", "cpu ratio",
                "outside compute (wall)", "event loop share (cpu)", "pull p50 ms", "runner wall s", "within last20", "test acc"]
     rows = [
         [f["config"], f["peer_rounds"], f["baseline_rounds_per_s"], f["rounds_per_s"], f["ratio"],
+         " ".join(f"{r:.3f}" for r in f["ratios"]),
          f["baseline_ms_per_round"], f["runner_ms_per_round"], f["baseline_cpu_ms_per_round"],
          f["cpu_ms_per_round"], f["main_thread_cpu_ms_per_round"], f["cpu_ratio"],
          f"{100 * f['outside_compute_share']:.1f}%", f"{100 * f['main_thread_cpu_share']:.1f}%",
@@ -322,8 +353,10 @@ def main() -> None:
     print(table(headers, rows))
     for f in figures:
         verdict = "meets" if f["ratio"] >= 0.9 else "MISSES"
-        print(f"{f['config']}: runner / plain loop = {f['ratio']:.3f} ({verdict} the 0.9 target); "
-              f"baseline before/after {f['baseline_before_per_s']:.1f}/{f['baseline_after_per_s']:.1f} r/s")
+        print(f"{f['config']}: runner / plain loop = {f['ratio']:.3f}, the median of {f['repeats']} "
+              f"({', '.join(f'{r:.3f}' for r in f['ratios'])}) ({verdict} the 0.9 target); CPU ratios "
+              f"{', '.join(f'{r:.3f}' for r in f['cpu_ratios'])}; baseline segments "
+              f"{', '.join(f'{r:.1f}' for r in f['baseline_segments_per_s'])} r/s")
     print(f"pinned to CPUs {pinned}" if pinned else "not pinned", f"; load average before/after: {load0} / {os.getloadavg()}")
     json_line("peers", {"quick": args.quick, "cpus_pinned": pinned, "load_avg_before": load0, "environment": environment(),
                               "configs": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in f.items()} for f in figures]})

@@ -12,6 +12,8 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from zmqgossip.policies import (
     DAC,
@@ -26,6 +28,7 @@ from zmqgossip.policies import (
     tau_schedule,
 )
 from zmqgossip.policies.dac import LOSS_FLOOR
+from zmqgossip.policies.sampling import choice_by_weight
 
 PEERS = list(range(10))  # client ids 0..9
 ME = 0
@@ -86,6 +89,24 @@ def test_after_round0_draws_follow_p():
     counts: Counter[int] = Counter(p.choose()[0] for _ in range(4000))
     for j, q in want.items():
         assert abs(counts[j] / 4000 - q) < 0.03, (j, counts[j] / 4000, q)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    scores=st.lists(st.one_of(st.just(0.0), st.floats(0.01, 50.0)), min_size=1, max_size=40),
+    tau=st.sampled_from([1.0, 5.0, 30.0, 300.0]),
+    seed=st.integers(0, 2**32 - 1),
+    data=st.data(),
+)
+def test_weighted_draw_is_numpys_draw_for_draw(scores, tau, seed, data):
+    """DAC's sampler returns what ``Generator.choice(replace=False, p=p)`` returns and
+    leaves the generator in the same state, also for peaked p with underflowed zeros."""
+    p = softmax_weights(np.array(scores), tau)
+    k = data.draw(st.integers(1, int((p > 0).sum())))
+    ours, theirs = np.random.default_rng(seed), np.random.default_rng(seed)
+    want = [int(i) for i in theirs.choice(len(p), size=k, replace=False, p=p)]
+    assert choice_by_weight(ours, p, k) == want
+    assert ours.bit_generator.state == theirs.bit_generator.state
 
 
 def test_draw_keeps_n_distinct_after_round0():

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from .base import Policy, Pulled
+from .sampling import choice_by_weight
 
 LOSS_FLOOR = 1e-6
 
@@ -91,12 +92,12 @@ class DAC(Policy):
         k = min(k, len(self.others))
         nonzero = np.flatnonzero(p > 0)
         if len(nonzero) >= k:
-            idx = self.rng.choice(len(self.others), size=k, replace=False, p=p)
+            idx = choice_by_weight(self.rng, p, k)  # = rng.choice(m, k, replace=False, p=p)
         else:
             # Too few peers with non-zero weight: all of them, then uniform fill.
-            first = self.rng.choice(nonzero, size=len(nonzero), replace=False, p=p[nonzero] / p[nonzero].sum())
-            rest = np.setdiff1d(np.arange(len(self.others)), nonzero)
-            idx = np.concatenate([first, self.rng.choice(rest, size=k - len(nonzero), replace=False)])
+            first = [int(nonzero[i]) for i in choice_by_weight(self.rng, p[nonzero] / p[nonzero].sum(), len(nonzero))]
+            rest = np.array([i for i in range(len(self.others)) if not p[i] > 0], dtype=np.int64)
+            idx = [*first, *self.rng.choice(rest, size=k - len(nonzero), replace=False).tolist()]
         return [int(self.others[i]) for i in idx]
 
     # -- steps 2 to 6
