@@ -22,9 +22,11 @@ floor -> floor+ the price of validating into tensors, and floor+ -> pull what th
 Transport itself adds (request ids, timeouts, the socket pool, counters).
 
 Reported: pulls/s, GB/s of model bytes, p50/p99 latency over all rounds, and the ratio
-to raw of pulls per second, taken within each round (the sides run back to back, so
-they share the machine's load) and then the median over rounds (target for pull >= 0.8
-for both sizes on ipc between two processes). Timing is never asserted.
+to raw of pulls per second: each side runs in 20 short slices, each slice between two
+raw slices (raw | pull floor floor+ | raw | ...) and compared with their mean rate, and
+the figure is the median over the slices (this host's speed moves by tens of percent
+within a second; fewer, longer slices read that as a result). Target for pull >= 0.8
+for both sizes on ipc between two processes. Timing is never asserted.
 
 Usage: python benchmarks/bench_transport.py [--quick] [--seconds S]
 """
@@ -54,7 +56,7 @@ from zmqgossip.transport import Transport, TransportConfig, ipc_dir, prepared_fr
 from zmqgossip.wire import ModelPayload
 
 SERVER, CLIENT, FLOOR = 1, 0, 2
-ROUNDS = 5  # pull and raw alternate this many times per configuration
+ROUNDS = 20  # slices per side and configuration; raw slices bracket each round of the others
 RAW_TIMEOUT_MS = 30_000
 
 
@@ -292,16 +294,24 @@ def run_config(kind: str, size: str, where: str, seconds: float, base: str, remo
             await me.start()
             floors = {"floor": Floor(sctx, d[SERVER], None), "floor+": Floor(sctx, d[SERVER], schema)} if "floor" in sides else {}
             try:
-                for _ in range(ROUNDS):
-                    got = {"raw": time_raw(client, req, server, frames, seconds / ROUNDS),
-                           "pull": await time_async(lambda: pull_once(me), seconds / ROUNDS)}
+                # raw | pull floor floor+ | raw | pull ... | raw: every slice of the other
+                # sides sits between two raw slices and is compared with their mean rate.
+                slice_s = seconds / ROUNDS
+                raw_rates = []
+                for i in range(ROUNDS + 1):
+                    ts = time_raw(client, req, server, frames, slice_s)
+                    lat["raw"].extend(ts)
+                    raw_rates.append(len(ts) / sum(ts))
+                    if i == ROUNDS:
+                        break
+                    got = {"pull": await time_async(lambda: pull_once(me), slice_s)}
                     for k, f in floors.items():
-                        got[k] = await time_async(f.once, seconds / ROUNDS)
-                    raw_rate = len(got["raw"]) / sum(got["raw"])
+                        got[k] = await time_async(f.once, slice_s)
                     for k, ts in got.items():
                         lat[k].extend(ts)
-                        if k != "raw":
-                            ratios[k].append((len(ts) / sum(ts)) / raw_rate)
+                        ratios[k].append(len(ts) / sum(ts))
+                for k in ratios:  # rates -> ratios to the raw slices on either side
+                    ratios[k] = [r / ((raw_rates[i] + raw_rates[i + 1]) / 2) for i, r in enumerate(ratios[k])]
                 r = await me.pull(SERVER)
                 assert r.ok and all(torch.equal(r.message.tensors[k], state[k]) for k in state)
             finally:
@@ -334,7 +344,7 @@ def main() -> None:
     args = ap.parse_args()
     seconds = args.seconds or (0.15 if args.quick else 2.0)
     # a watchdog: print every thread's stack and exit rather than hang forever
-    faulthandler.dump_traceback_later(60 + 40 * seconds * ROUNDS, exit=True)
+    faulthandler.dump_traceback_later(60 + 200 * seconds, exit=True)
     torch.set_num_threads(1)
     sizes = list(MODELS)
     base = ipc_dir("zgb")
