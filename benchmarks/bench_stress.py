@@ -6,9 +6,13 @@
     pyzmq engine (one blocking ``zmq.Poller`` loop per process over plain ROUTER inboxes and
     DEALER sockets, request/reply of the same frames as pre-built ZeroMQ messages
     (``prepared_frames``, as the Transport sends them), no decoding).
-    Ratio = stress pulls/s / raw pulls/s; the target is >= 0.8 for 0.25 MB payloads.  Also the
-    foundation benchmark's raw figure (bench_transport: one client, one request at a time,
-    ipc between two processes) next to stress over the same link with the same bytes.
+    Ratio = stress pulls/s / raw pulls/s: a stricter comparison than the issue asks for (the
+    raw engine has the same concurrency as stress and never reads what it receives).
+    The issue's target, >= 0.8 for 0.25 MB payloads, is against the foundation benchmark's
+    raw limit (bench_transport: raw pyzmq request/reply, ipc between two processes, measured
+    here in the same run): stress over the same link with the same bytes and zero-delay
+    links, as a user runs it (the emulator steps aside) and with the emulator consulted on
+    every message (``emulator="on"``).
 (b) the emulator's own cost: the same stress run with an ideal ``Links`` (every message
     asks the emulator, which says "now, once") vs ``links=None``; plus ``Links.plan`` alone.
 (c) 10,000 stress peers with small payloads (worker processes over ipc): pulls/s, latency,
@@ -273,14 +277,25 @@ def bench_foundation(seconds: float, rounds: int) -> dict:
         if proc.is_alive():
             proc.kill()
         shutil.rmtree(base, ignore_errors=True)
-    cfg = StressConfig(peers=4, fanout=2, mode="processes", processes=2, transport="ipc", payload_kb=62006 * 4 / 1024,
-                       tensors=10, duration_s=seconds, timeout_s=30)
-    st = statistics.median(run_stress(cfg)["pulls_per_s"] for _ in range(rounds))
-    out = {"foundation_raw_per_s": found["raw"]["per_s"], "foundation_pull_per_s": found["pull"]["per_s"],
-           "foundation_ratio": found["ratio"], "stress_per_s": st, "stress_vs_foundation_raw": st / found["raw"]["per_s"]}
-    print(f"  (a) foundation (ipc, 2 procs, 0.25 MB, sequential): raw {out['foundation_raw_per_s']:,.0f}/s, "
-          f"Transport {out['foundation_pull_per_s']:,.0f}/s; stress 4 peers: {st:,.0f}/s "
-          f"= {out['stress_vs_foundation_raw']:.2f} x raw", flush=True)
+    # Zero-delay links as a user gets them (the emulator steps aside for ideal links), and
+    # with the emulator asked about every message all the same.
+    st, st_on = [], []
+    for _ in range(rounds):
+        for emulator, acc in (("auto", st), ("on", st_on)):
+            cfg = StressConfig(peers=4, fanout=2, mode="processes", processes=2, transport="ipc",
+                               payload_kb=62006 * 4 / 1024, tensors=10, duration_s=seconds, timeout_s=30,
+                               emulator=emulator)
+            acc.append(run_stress(cfg)["pulls_per_s"])
+    raw = found["raw"]["per_s"]
+    out = {"foundation_raw_per_s": raw, "foundation_pull_per_s": found["pull"]["per_s"],
+           "foundation_ratio": found["ratio"], "stress_per_s": statistics.median(st),
+           "stress_vs_foundation_raw": statistics.median(st) / raw,
+           "stress_links_on_per_s": statistics.median(st_on),
+           "stress_links_on_vs_foundation_raw": statistics.median(st_on) / raw}
+    print(f"  (a) foundation (ipc, 2 procs, 0.25 MB, sequential): raw {raw:,.0f}/s, "
+          f"Transport {out['foundation_pull_per_s']:,.0f}/s; stress 4 peers: {out['stress_per_s']:,.0f}/s "
+          f"= {out['stress_vs_foundation_raw']:.2f} x raw, with the emulator on "
+          f"{out['stress_links_on_vs_foundation_raw']:.2f} x raw", flush=True)
     return out
 
 
@@ -427,12 +442,15 @@ def main() -> None:
                       r["stress_cpu_us"], r["stress_failed"]] for r in figures["vs_raw"]]))
         for r in figures["vs_raw"]:
             if r["payload_kb"] == 256.0:
-                print(f"  {r['topology']}, 0.25 MB: stress/raw = {r['ratio']:.2f} (target >= 0.8)")
+                print(f"  {r['topology']}, 0.25 MB: stress/raw (same topology) = {r['ratio']:.2f}")
         f = figures["foundation"]
+        verdict = "meets" if min(f["stress_vs_foundation_raw"], f["stress_links_on_vs_foundation_raw"]) >= 0.8 else "MISSES"
         print(f"  the foundation benchmark's raw limit (ipc, 2 procs, 0.25 MB, one request at a time): "
               f"{f['foundation_raw_per_s']:,.0f}/s (its Transport pulls: {f['foundation_pull_per_s']:,.0f}/s, "
-              f"ratio {f['foundation_ratio']:.2f});\n  stress over ipc, 2 procs, 4 peers, fan-out 2, same bytes: "
-              f"{f['stress_per_s']:,.0f}/s = {f['stress_vs_foundation_raw']:.2f} x that raw limit")
+              f"ratio {f['foundation_ratio']:.2f});\n  stress over ipc, 2 procs, 4 peers, fan-out 2, same bytes, "
+              f"zero-delay links: {f['stress_per_s']:,.0f}/s = {f['stress_vs_foundation_raw']:.2f} x that raw limit, "
+              f"with the emulator asked about every message {f['stress_links_on_vs_foundation_raw']:.2f} x "
+              f"(target >= 0.8: {verdict})")
     if "emulator" in figures:
         print("\n(b) the link emulator's own cost: ideal Links vs links=None, same stress run (asyncio, inproc)")
         print(table(["peers", "KiB", "None /s", "ideal /s", "ratio", "None CPU us", "ideal CPU us", "extra us"],
