@@ -21,11 +21,10 @@ of half its length, B R B R B R B: each run is compared with the segments beside
 the median ratio is the figure, so a machine drifting by 10-20% within a minute, as this
 shared one does, moves the figure less), the same in CPU time (process CPU per
 peer-round, robust to other load on a shared machine; the event loop's share is the main
-thread's CPU time), and the
-share of the runner's whole wall time spent outside compute (1 - sum of the peers'
-``compute_s`` / wall; ``compute_s`` is wall time inside the executor thread, warm-up,
-snapshot encoding, checkpoints and final evaluations included, so on one core it also
-counts time the compute thread was preempted by the event loop).
+thread's CPU time), and the share of the runner's whole wall time spent outside compute
+(1 - sum of the peers' ``compute_s`` / wall; ``compute_s`` is wall time inside the
+executor thread, warm-up, snapshot encoding, checkpoints and final evaluations included,
+so on one core it also counts time the compute thread was preempted by the event loop).
 
 Configs: (a) digits + MLP, label shift; (b) mnist-bundled + CNN28, rotation 0/180.
 Run: ``python benchmarks/bench_peers.py [--quick] [--only mlp|cnn] [--repeats R] [--profile]``.
@@ -270,12 +269,11 @@ def bench(setting: Setting, rounds: int, profile: bool, repeats: int) -> dict:
             "rounds_per_s": r["rounds_per_s"],
             "main_thread_cpu_ms_per_round": r["main_thread_cpu_ms_per_round"],
         })
-    # The run whose ratio is the median stands for the config; every run's figures are kept.
-    mid = sorted(range(repeats), key=lambda k: per_run[k]["ratio"])[repeats // 2] if repeats % 2 else None
+    # The run whose ratio is the (lower) median stands for the config; every run's ratio is kept.
+    mid = sorted(range(repeats), key=lambda k: per_run[k]["ratio"])[(repeats - 1) // 2]
     ratio = median([p["ratio"] for p in per_run])
     cpu_ratio = median([p["cpu_ratio"] for p in per_run])
-    shown = runs[mid] if mid is not None else runs[-1]
-    shown_base = per_run[mid if mid is not None else -1]
+    shown, shown_base = runs[mid], per_run[mid]
     return {
         "config": setting.key,
         "label": setting.label,
