@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import platform
@@ -79,6 +80,11 @@ def pct(xs: Sequence[float], q: float) -> float:
 
 def median(xs: Sequence[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
+
+
+def between(xs: Sequence[float]) -> list[float]:
+    """The mean of each two neighbours: a baseline measured before and after each run."""
+    return [(a + b) / 2 for a, b in itertools.pairwise(xs)]
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import zmq
 
-from _common import environment, json_line, table
+from _common import between, environment, json_line, table
 
 from zmqgossip import wire
 from zmqgossip.links import Latency, LinkProfile, Links, NetworkEmulation
@@ -303,7 +303,7 @@ def bench_foundation(seconds: float, rounds: int) -> dict:
         if proc.is_alive():
             proc.kill()
         shutil.rmtree(base, ignore_errors=True)
-    around = [(a + b) / 2 for a, b in zip(raws, raws[1:])]
+    around = between(raws)
     ratios = [x / r for x, r in zip(st, around)]
     ratios_on = [x / r for x, r in zip(st_on, around)]
     out = {"foundation_raw_per_s": statistics.median(raws), "foundation_raw_rounds": raws,

@@ -49,7 +49,7 @@ import torch
 import zmq
 import zmq.asyncio
 
-from _common import MB, MODELS, environment, json_line, median, pct, state_bytes, table
+from _common import MB, MODELS, between, environment, json_line, median, pct, state_bytes, table
 
 from zmqgossip import wire
 from zmqgossip.transport import Transport, TransportConfig, ipc_dir, prepared_frames
@@ -266,7 +266,7 @@ def run_config(kind: str, size: str, where: str, seconds: float, base: str, remo
     actx = zmq.asyncio.Context()
     sides = ("raw", "pull", "floor", "floor+") if where == "2proc" else ("raw", "pull")
     lat: dict[str, list[float]] = {k: [] for k in sides}
-    ratios: dict[str, list[float]] = {k: [] for k in sides if k != "raw"}
+    rates: dict[str, list[float]] = {k: [] for k in sides}  # pulls/s per slice
     tag = f"{kind}-{size}"
     try:
         # raw side
@@ -297,11 +297,10 @@ def run_config(kind: str, size: str, where: str, seconds: float, base: str, remo
                 # raw | pull floor floor+ | raw | pull ... | raw: every slice of the other
                 # sides sits between two raw slices and is compared with their mean rate.
                 slice_s = seconds / ROUNDS
-                raw_rates = []
                 for i in range(ROUNDS + 1):
                     ts = time_raw(client, req, server, frames, slice_s)
                     lat["raw"].extend(ts)
-                    raw_rates.append(len(ts) / sum(ts))
+                    rates["raw"].append(len(ts) / sum(ts))
                     if i == ROUNDS:
                         break
                     got = {"pull": await time_async(lambda: pull_once(me), slice_s)}
@@ -309,9 +308,7 @@ def run_config(kind: str, size: str, where: str, seconds: float, base: str, remo
                         got[k] = await time_async(f.once, slice_s)
                     for k, ts in got.items():
                         lat[k].extend(ts)
-                        ratios[k].append(len(ts) / sum(ts))
-                for k in ratios:  # rates -> ratios to the raw slices on either side
-                    ratios[k] = [r / ((raw_rates[i] + raw_rates[i + 1]) / 2) for i, r in enumerate(ratios[k])]
+                        rates[k].append(len(ts) / sum(ts))
                 r = await me.pull(SERVER)
                 assert r.ok and all(torch.equal(r.message.tensors[k], state[k]) for k in state)
             finally:
@@ -328,7 +325,8 @@ def run_config(kind: str, size: str, where: str, seconds: float, base: str, remo
     finally:
         actx.destroy(0)
         sctx.destroy(0)
-    # each side's ratio to raw within each round (the sides ran back to back), median over rounds
+    # each slice's rate over the mean of the raw slices on either side of it; median over slices
+    ratios = {k: [r / raw for r, raw in zip(v, between(rates["raw"]))] for k, v in rates.items() if k != "raw"}
     out = {"kind": kind, "size": size, "where": where, "bytes": nbytes, "sides": sides,
            **{k: summarize(v, nbytes) for k, v in lat.items()},
            "ratio": median(ratios["pull"]), "ratio_rounds": ratios["pull"]}
