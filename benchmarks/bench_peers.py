@@ -6,7 +6,7 @@ models over ZeroMQ (inproc) beside it. The baseline is a plain loop over the sam
 partition and models that does, per peer-round, exactly the peer's arithmetic and
 nothing else:
 
-    score n pulled states (load into a scratch model, ``learning.mean_loss`` on the train set)
+    score n pulled states (the peer's ``Scorer``: mean loss on its train set)
     ``learning.weighted_average`` of own + n, load it, ``learning.train`` (E epochs, batch 8)
     ``learning.evaluate`` on the validation set, offer it to a ``Checkpoint``, keep a copy
     of the new state as what the others would pull next
@@ -51,6 +51,7 @@ import torch
 from zmqgossip import config, learning, models, runner
 from zmqgossip.metrics import RunDir
 from zmqgossip.peer import Peer
+from zmqgossip.scoring import Scorer
 
 
 @dataclass(frozen=True)
@@ -202,7 +203,9 @@ class PlainLoop:
         for pid in range(cfg.peers):
             torch.manual_seed(cfg.seed * 100_003 + pid)
             self.models.append(models.build_model(name, part.input_shape, part.num_classes))
-        self.scratch = models.build_model(name, part.input_shape, part.num_classes)
+        self.scorers = [
+            Scorer(models.build_model(name, part.input_shape, part.num_classes), d.train_x, d.train_y) for d in self.clients
+        ]
         self.states = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in self.models]
         self.checkpoints = [learning.Checkpoint() for _ in self.models]
         self.gens = [torch.Generator().manual_seed(seed * 1_000_003 + p) for p in range(cfg.peers)]
@@ -214,8 +217,7 @@ class PlainLoop:
         others = [p for p in range(cfg.peers) if p != i]
         chosen = [int(x) for x in self.rng.choice(others, size=min(cfg.policy.n, len(others)), replace=False)]
         for k in chosen:  # score
-            self.scratch.load_state_dict(self.states[k])
-            learning.mean_loss(self.scratch, d.train_x, d.train_y)
+            self.scorers[i].mean_loss(self.states[k])
         n_i = int(d.train_y.shape[0])
         weights = [n_i, *(int(self.clients[k].train_y.shape[0]) for k in chosen)]
         avg = learning.weighted_average([model.state_dict(), *(self.states[k] for k in chosen)], weights)

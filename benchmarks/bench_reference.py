@@ -41,20 +41,21 @@ def compute_limit(preset: str, overrides: list[str], reps: int) -> float:
     from zmqgossip import config, learning
     from zmqgossip.models import build_model
     from zmqgossip.runner import build_partition, model_name
+    from zmqgossip.scoring import Scorer
 
     torch.set_num_threads(1)
     cfg = config.load(preset, overrides)
     part = build_partition(cfg)
     d = part.clients[0]
     name = model_name(cfg, part)
-    model, scratch = (build_model(name, part.input_shape, part.num_classes) for _ in range(2))
+    model = build_model(name, part.input_shape, part.num_classes)
+    scorer = Scorer(build_model(name, part.input_shape, part.num_classes), d.train_x, d.train_y)
     others = [build_model(name, part.input_shape, part.num_classes).state_dict() for _ in range(cfg.policy.n)]
     g = torch.Generator().manual_seed(0)
 
     def client_round(test: bool) -> None:
         for s in others:
-            scratch.load_state_dict(s)
-            learning.mean_loss(scratch, d.train_x, d.train_y)
+            scorer.mean_loss(s)
         learning.train(model, d.train_x, d.train_y, epochs=cfg.train.epochs, batch_size=cfg.train.batch_size,
                        lr=cfg.train.lr, generator=g)
         learning.evaluate(model, d.val_x, d.val_y)

@@ -156,6 +156,7 @@ def paper_scale_costs(quick: bool) -> list[str]:
 
     from zmqgossip import learning
     from zmqgossip.models import build_model
+    from zmqgossip.scoring import Scorer
 
     torch.set_num_threads(1)
     lines = ["| preset | model | per client-round | peers x rounds | sequential, 1 core | async, 2 processes |",
@@ -166,17 +167,16 @@ def paper_scale_costs(quick: bool) -> list[str]:
         n_train, n_val = (cfg.data.n_train, cfg.data.n_val) if not quick else (16, 8)
         n_test = (10 * cfg.data.test_per_class if cfg.data.test_per_class else 10_000) if not quick else 20
         model = build_model(cfg.train.model, shape, 10)
-        scratch = build_model(cfg.train.model, shape, 10)
         g = torch.Generator().manual_seed(0)
         x, y = torch.rand(n_train, *shape, generator=g), torch.randint(0, 10, (n_train,), generator=g)
         xv, yv = x[:n_val], y[:n_val]
         xt, yt = torch.rand(n_test, *shape, generator=g), torch.randint(0, 10, (n_test,), generator=g)
+        scorer = Scorer(build_model(cfg.train.model, shape, 10), x, y)
         t = time.perf_counter()
         reps = 1 if quick else 2
         for _ in range(reps):
             for _ in range(cfg.policy.n):  # score each pulled model on the training set
-                scratch.load_state_dict(model.state_dict())
-                learning.mean_loss(scratch, x, y)
+                scorer.mean_loss(model.state_dict())
             learning.train(model, x, y, epochs=cfg.train.epochs, batch_size=cfg.train.batch_size, lr=cfg.train.lr, generator=g)
             learning.evaluate(model, xv, yv)
         per = (time.perf_counter() - t) / reps

@@ -29,6 +29,7 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import ClientData
 from .metrics import RunDir
 from .policies import Policy, Pulled
+from .scoring import Scorer
 from .transport import Counters, PullResult, Transport
 from .turns import Turn, Turns
 from .wire import ModelPayload, SnapshotMemory
@@ -90,6 +91,7 @@ class Peer:
         self.data = data
         self.model = model
         self.scratch = scratch  # scores pulled models without touching ``model``
+        self.scorer = Scorer(scratch, data.train_x, data.train_y)
         self.policy = policy
         self.transport = transport
         self.settings = settings
@@ -156,8 +158,7 @@ class Peer:
         losses = []
         for r in replies:
             assert r.message is not None
-            self.scratch.load_state_dict(r.message.tensors)
-            losses.append(learning.mean_loss(self.scratch, self.data.train_x, self.data.train_y))
+            losses.append(self.scorer.mean_loss(r.message.tensors))
         return losses
 
     def _aggregate_train(self, replies: list[PullResult], weights: list[float]) -> dict[str, float]:

@@ -1,0 +1,114 @@
+"""Scoring pulled models on a client's own training data (DAC's s_ij = 1 / loss).
+
+A DAC peer computes the mean loss of every model it pulls on its own training set, n times
+per round, so this is the hottest inference loop of a run. A :class:`Scorer` is built once
+per client: it keeps the client's data in the form the model's fastest inference path
+wants ("transform each client's data once") and scores a state dict without touching the
+peer's own model.
+
+For the paper's 28x28 CNN (:class:`~zmqgossip.models.CNN28`) the data are kept as phase
+patches, so that conv1 + ReLU + 2x2 max-pool become one matrix product per pooling phase
+and a maximum (see :class:`_CNN28Patches`); only the outputs the network uses are
+computed. The logits are those of ``CNN28.forward`` (bit for bit on the CPUs we measured;
+``tests/test_scoring.py`` holds them to it). Every other model is loaded into a scratch
+copy and evaluated with :func:`zmqgossip.learning.mean_loss`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import learning
+from .models import CNN28
+
+__all__ = ["Scorer"]
+
+
+class _CNN28Patches:
+    """CNN28's logits from the images' phase patches.
+
+    conv1 (3x3) followed by a 2x2 max-pool: the pooled value at (i, j) is the maximum over
+    the four phases (a, b) of the convolution at (2i+a, 2j+b), and all four read the 4x4
+    input window at (2i, 2j). So each pooled position is one row of 16*C input values, and
+    phase (a, b) is a matrix product with the 3x3 kernel placed at offset (a, b) in a 4x4
+    of zeros. ``max(conv) + bias`` then ReLU equals pooling the ReLU of ``conv + bias``
+    exactly (rounding and ReLU are monotone). conv2's 2x2 pool (floor) reads only its first
+    10x10 outputs, so only the first 12x12 pooled conv1 outputs are computed.
+
+    Memory: 144 x 16 x C floats per image (9 KiB for MNIST), kept for the client's training
+    set. The cost per scored model is ~40% of the module path's on one core.
+    """
+
+    SIDE = 12  # pooled conv1 outputs that conv2 + its pool read, per side
+
+    def __init__(self, x: torch.Tensor) -> None:
+        n, c = int(x.shape[0]), int(x.shape[1])
+        s = self.SIDE
+        windows = x.unfold(2, 4, 2).unfold(3, 4, 2)[:, :, :s, :s]  # N, C, 13->12, 12, 4, 4
+        self.rows = s * s  # rows per image
+        self.patches = windows.permute(0, 2, 3, 1, 4, 5).reshape(n * self.rows, c * 16).contiguous()
+        self.channels = c
+
+    def phase_kernels(self, w1: torch.Tensor) -> torch.Tensor:
+        """(4, 16*C, out) matrices: conv1's kernel at offset (a, b) of a 4x4 window, per phase."""
+        out, c = int(w1.shape[0]), self.channels
+        k = w1.permute(1, 2, 3, 0)  # C, 3, 3, out
+        w = w1.new_zeros(4, c, 4, 4, out)
+        for phase, (a, b) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
+            w[phase, :, a : a + 3, b : b + 3] = k
+        return w.view(4, c * 16, out)
+
+    def logits(self, state: Mapping[str, torch.Tensor], w4: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        n, s = hi - lo, self.SIDE
+        rows = self.patches[lo * self.rows : hi * self.rows]
+        h = torch.matmul(rows, w4)  # 4, n*144, 16: one product per pooling phase
+        torch.maximum(h[0], h[1], out=h[0])
+        torch.maximum(h[2], h[3], out=h[2])
+        h = torch.maximum(h[0], h[2], out=h[0])
+        h += state["features.0.bias"]
+        h.relu_()
+        h = h.view(n, s, s, -1).permute(0, 3, 1, 2)  # NCHW view of NHWC memory (channels-last)
+        h = F.conv2d(h, state["features.3.weight"], state["features.3.bias"])  # n, 32, 10, 10
+        v = h.permute(0, 2, 3, 1)  # NHWC view
+        v = v.reshape(n, (s - 2) // 2, 2, (s - 2) // 2, 2, v.shape[-1])
+        # 2x2 max-pool as the maximum of four strided views: ~2x faster than max_pool2d here
+        p = torch.maximum(torch.maximum(v[:, :, 0, :, 0], v[:, :, 0, :, 1]), torch.maximum(v[:, :, 1, :, 0], v[:, :, 1, :, 1]))
+        p.relu_()
+        h = p.permute(0, 3, 1, 2).flatten(1)  # the module's (C, H, W) flatten order
+        h = F.linear(h, state["classifier.1.weight"], state["classifier.1.bias"]).relu_()
+        return F.linear(h, state["classifier.3.weight"], state["classifier.3.bias"])
+
+
+class Scorer:
+    """Mean loss of any state dict of ``model``'s architecture on one client's (x, y).
+
+    ``model`` is a scratch copy the scorer may overwrite (the peer's own model is never
+    touched); states are expected to match its schema (the wire checks that on receive).
+    """
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = learning.EVAL_BATCH) -> None:
+        if int(x.shape[0]) != int(y.shape[0]):
+            raise ValueError(f"{x.shape[0]} inputs but {y.shape[0]} labels")
+        if int(y.shape[0]) == 0:
+            raise ValueError("no samples to score on")
+        self.model, self.x, self.y, self.batch_size = model, x, y, batch_size
+        shape = tuple(int(s) for s in x.shape[1:])
+        self._cnn28 = _CNN28Patches(x) if isinstance(model, CNN28) and shape[1:] == (28, 28) else None
+
+    def mean_loss(self, state: Mapping[str, torch.Tensor]) -> float:
+        """Mean cross-entropy over the client's data of the model with parameters ``state``."""
+        if self._cnn28 is None:
+            self.model.load_state_dict(state)
+            return learning.mean_loss(self.model, self.x, self.y, self.batch_size)
+        n, bs, k = int(self.y.shape[0]), self.batch_size, self._cnn28
+        total = torch.zeros((), dtype=torch.float64)
+        with torch.inference_mode():
+            w4 = k.phase_kernels(state["features.0.weight"])
+            for lo in range(0, n, bs):
+                hi = min(n, lo + bs)
+                total += F.cross_entropy(k.logits(state, w4, lo, hi), self.y[lo:hi], reduction="sum").double()
+        return float(total) / n
