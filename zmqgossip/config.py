@@ -174,24 +174,29 @@ class ExperimentConfig(_Strict):
         return self
 
 
-def _format_error(e: ValidationError, source: str) -> str:
+def _format_error(e: ValidationError, source: str, overridden: Mapping[str, str] | None = None) -> str:
     lines = []
     for err in e.errors():
         loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        # Blame the --set that put the key there, not the file the rest came from.
+        where = f"--set {overridden[loc]!r}" if overridden and loc in overridden else source
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         elif err["type"] == "literal_error":
             msg = f"{msg} (got {err.get('input')!r})"
-        lines.append(f"{source}: {loc}: {msg}")
+        lines.append(f"{where}: {loc}: {msg}")
     return "\n".join(lines)
 
 
-def validate(raw: Mapping[str, Any], source: str = "config") -> ExperimentConfig:
+def validate(
+    raw: Mapping[str, Any], source: str = "config", overridden: Mapping[str, str] | None = None
+) -> ExperimentConfig:
+    """``overridden``: dotted key -> the ``--set`` item that set it (named in errors)."""
     try:
         return ExperimentConfig.model_validate(dict(raw))
     except ValidationError as e:
-        raise ConfigError(_format_error(e, source)) from None
+        raise ConfigError(_format_error(e, source, overridden)) from None
 
 
 def preset_dirs() -> list[Path]:
@@ -263,8 +268,10 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
 def load(experiment: str, overrides: Iterable[str] = (), **fields: Any) -> ExperimentConfig:
     """Load a preset or TOML file, apply ``--set`` overrides and explicit fields, validate."""
     raw, source = load_raw(experiment)
+    overrides = list(overrides)
     raw = apply_overrides(raw, overrides)
+    overridden = {".".join(parse_override(item)[0]): item for item in overrides}
     for k, v in fields.items():
         if v is not None:
             raw[k] = v
-    return validate(raw, source)
+    return validate(raw, source, overridden)
