@@ -295,11 +295,12 @@ def test_a_killed_worker_is_reported_and_the_others_finish(tmp_path):
     survivors = [p for p in range(12) if p not in dead_peers]
     assert all(results[p]["status"] == "done" for p in survivors)
     assert not dead_peers & set(results)  # killed before it could write anything
-    # Pulls of the dead peers after the kill failed, and by timeout.
+    # Pulls of the dead peers after the kill failed: by timeout when the request left before
+    # the socket saw the peer go, else as unreachable (at once, once a socket knows it).
     reasons = [why for p in survivors for e in rd.events(p) for j, why in e["failed"].items() if int(j) in dead_peers]
     print(f"failed pulls of the dead peers: {len(reasons)} ({sorted(set(reasons))}); "
           f"survivors' updates {sum(len(rd.events(p)) for p in survivors)}")
-    assert reasons and set(reasons) == {"timeout"}
+    assert reasons and set(reasons) <= {"timeout", "unreachable"}
     # The dead peers' updates before the kill are kept (events are flushed line by line).
     assert all(len(rd.events(p)) >= 2 for p in dead_peers)
 

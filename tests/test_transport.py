@@ -257,6 +257,39 @@ def test_concurrent_pulls_of_one_peer_take_turns_on_its_socket_and_each_gets_the
     run_async(body(), 20)
 
 
+@pytest.mark.parametrize("kind", ["ipc", "tcp"])
+def test_a_peer_that_is_down_fails_fast_and_is_pulled_again_once_it_is_up(kind, actx, directory_of, run_async):
+    async def body():
+        d = directory_of(kind, [0, 1])
+        me = Transport(actx, 0, d, config=tp.TransportConfig(connect_timeout_s=0.3))
+        await me.start()
+        up: Transport | None = None
+        try:
+            t0 = time.perf_counter()  # nobody listens at peer 1's endpoint yet
+            r = await me.pull(1, timeout=10)
+            assert not r.ok and r.reason == "unreachable", r
+            assert 0.3 <= time.perf_counter() - t0 < 0.3 + SLACK_S  # the connect timeout, not the pull's
+            t0 = time.perf_counter()
+            r = await me.pull(1, timeout=10)
+            assert r.reason == "unreachable" and time.perf_counter() - t0 < 0.1  # known down: at once
+            up = Transport(actx, 1, d)
+            await up.start()
+            up.publish(payload({"w": torch.full((4,), 7.0)}, version=2))
+            for _ in range(100):  # the kept socket reconnects by itself
+                r = await me.pull(1, timeout=5)
+                if r.ok:
+                    break
+                await asyncio.sleep(0.05)
+            assert r.ok and r.message.version == 2 and torch.equal(r.message.tensors["w"], torch.full((4,), 7.0))
+            assert me.counters.pull_failures["unreachable"] >= 2 and me.counters.pull_failures["timeout"] == 0
+        finally:
+            await me.close()
+            if up is not None:
+                await up.close()
+
+    run_async(body(), 30)
+
+
 def test_a_cancelled_pull_counts_nothing_and_leaves_the_transport_usable(actx, run_async):
     state = reference_state(4)
 
@@ -644,18 +677,24 @@ def test_pull_from_killed_peer_fails_within_timeout_and_pool_stays_usable(child_
             os.kill(proc.pid, 9)
             proc.join(5)
             assert proc.exitcode == -9
-            for peer in (1, 2, 1):  # pooled socket; then a fresh one after eviction
+            # A request sent before the socket saw the peer go times out (and that socket is
+            # evicted: it may hold the request); a socket that never connects fails the
+            # pull as unreachable and stays, reconnecting.
+            for peer in (1, 2, 1, 2):
                 t0 = time.perf_counter()
                 r = await me.pull(peer, timeout=timeout)
                 elapsed = time.perf_counter() - t0
-                assert not r.ok and r.reason == "timeout", r
+                assert not r.ok and r.reason in ("timeout", "unreachable"), r
                 assert elapsed < timeout + SLACK_S, elapsed
-                assert peer not in me._pool
+            assert r.reason == "unreachable" and 2 in me._pool
             r = await me.pull(3, timeout=5)  # the pool still works for everyone else
             assert r.ok and torch.equal(r.message.tensors["w"], torch.ones(8))
-            results = await me.pull_many([3, 1, 3], timeout=timeout)
-            assert [x.reason for x in results] == [None, "timeout", None]
-            assert me.counters.pull_failures == Counter(timeout=4)
+            t0 = time.perf_counter()  # known unreachable: fails at once, not after its timeout
+            results = await me.pull_many([3, 1, 3, 2], timeout=timeout)
+            assert [x.reason for x in results] == [None, "unreachable", None, "unreachable"]
+            assert time.perf_counter() - t0 < timeout / 2
+            assert sum(me.counters.pull_failures.values()) == 6
+            assert set(me.counters.pull_failures) <= {"timeout", "unreachable"}
         finally:
             await close_all(ts)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import os
 import resource
 import tempfile
@@ -144,6 +145,9 @@ class TransportConfig:
 
     pool_size: int = 8  # outgoing DEALERs kept per peer (LRU)
     timeout_s: float = 10.0  # default per-pull timeout
+    # ipc/tcp: a socket still not connected this long after it was opened makes pulls fail
+    # as "unreachable" at once instead of waiting out their timeout (a dead peer's process)
+    connect_timeout_s: float = 3.0
     hwm: int = 16  # messages queued per socket before refusing: models are big
     limits: Limits = wire.DEFAULT_LIMITS
     check_sender: bool = True
@@ -504,6 +508,10 @@ class Transport:
         sock.connect(endpoint)
         d = _Dealer(sock)
         assert self._loop is not None
+        if not endpoint.startswith("inproc://"):
+            # inproc is left to the pull timeout: its connects do not wait for a peer (a
+            # request to an unbound name is queued until someone binds it)
+            d.reachable_by = self._loop.time() + self.config.connect_timeout_s
         # Registered for the socket's lifetime: a pull only sets what it waits for.
         self._loop.add_reader(d.fd, d.on_ready)
         self._pool[peer] = d
@@ -544,6 +552,7 @@ class _Dealer:
         self.users = 0  # pulls using or queued on this socket
         self.evicted = False  # out of the pool; closed when users drops to 0
         self.closed = False
+        self.reachable_by = math.inf  # loop time: not connected by then means unreachable
         self.op: _Pull | None = None  # the pull whose request is on this socket
         self.want = 0  # what that pull waits for: POLLOUT to send, POLLIN for the reply
         self.queue: deque[_Pull] = deque()  # pulls waiting for the socket
@@ -626,15 +635,21 @@ class _Pull:
         self.send()
 
     def send(self) -> None:
-        self.later = None
-        d = self.dealer
-        assert d is not None
+        if self.later is not None:  # the request's delay, or the wait for a connection
+            self.later.cancel()
+            self.later = None
+        d, loop = self.dealer, self.t._loop
+        assert d is not None and loop is not None
         try:
             _send_now(d.sync, self.frames)
-        except zmq.Again:  # a full or not yet connected socket (IMMEDIATE): wait for room
+        except zmq.Again:  # not connected (IMMEDIATE; one request in flight, so never full)
+            if loop.time() >= d.reachable_by:
+                self.unreachable()
+                return
             d.want = _POLLOUT
-            assert self.t._loop is not None
-            self.t._loop.call_soon(d.on_ready)  # reads EVENTS: re-arms the descriptor, or sends now
+            if d.reachable_by < math.inf:
+                self.later = loop.call_at(d.reachable_by, self.unreachable)
+            loop.call_soon(d.on_ready)  # reads EVENTS: re-arms the descriptor, or sends now
             return
         except zmq.ZMQError as e:
             self.fail(e)
@@ -644,6 +659,16 @@ class _Pull:
         c.bytes_out += len(self.frames[0])
         d.want = _POLLIN
         d.on_ready()  # reads EVENTS: re-arms the descriptor (or the reply is already here)
+
+    def unreachable(self) -> None:
+        """No connection to the peer: fail now. The socket stays in the pool and keeps
+        reconnecting (ipc/tcp), so later pulls fail at once while the peer is down and go
+        through as soon as it is back."""
+        self.later = None
+        if self.done or self.dealer is None or self.dealer.op is not self or self.dealer.want == _POLLIN:
+            return
+        self.finish(PullResult(self.peer, False, reason="unreachable",
+                               detail=f"no connection to peer {self.peer} (down, a wrong endpoint, or a refused handshake)"))
 
     def receive(self) -> None:
         """Read the replies queued on the socket until this pull's own one is there."""
@@ -685,8 +710,15 @@ class _Pull:
 
     def expire(self) -> None:
         self.timer = None
-        if self.dealer is not None and self.dealer.op is self:
-            self.t._evict(self.peer, self.dealer)  # it may still get the reply, or hold the request
+        d = self.dealer
+        if d is not None and d.op is self:
+            if d.want == _POLLOUT and d.reachable_by < math.inf:
+                # Never connected within this pull's timeout: the socket holds no request,
+                # so it stays (reconnecting) and the next pulls to this peer fail at once.
+                d.reachable_by = 0.0
+                self.unreachable()
+                return
+            self.t._evict(self.peer, d)  # it may still get the reply, or hold the request
         self.finish(PullResult(self.peer, False, reason="timeout",
                                detail=f"no reply from peer {self.peer} within {time.perf_counter() - self.t0:.3g}s"))
 
