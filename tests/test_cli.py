@@ -101,6 +101,7 @@ def assert_refused(res: Outcome, *needles: str) -> str:
 BAD_EXPERIMENTS = [
     ("unknown-preset", "script", ["run", "no-such-preset"], ["unknown experiment 'no-such-preset'", "label-digits"]),
     ("set-unknown-key", "app", ["run", "{exp}", "--set", "foo=1"], ["--set 'foo=1': foo", "unknown key"]),
+    ("set-bad-list-item", "app", ["run", "{exp}", "--set", 'data.angles=["x"]'], ["--set 'data.angles=[\"x\"]': data.angles.0", "number"]),
     ("toml-unknown-key", "script", ["run", "{bad_key_exp}"], ["train.epoch", "unknown key"]),
     ("wrong-type", "script", ["run", "{exp}", "--set", "policy.tau=abc"], ["policy.tau", "number"]),
     ("bad-method", "app", ["run", "{exp}", "--method", "dac-foo"], ["method", "dac-foo"]),

@@ -181,8 +181,10 @@ def _format_error(e: ValidationError, source: str, overridden: Mapping[str, str]
     lines = []
     for err in e.errors():
         loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        # Blame the --set that put the key there, not the file the rest came from.
-        where = f"--set {overridden[loc]!r}" if overridden and loc in overridden else source
+        # Blame the --set that put the key (or the list or table holding it) there, not the
+        # file the rest came from.
+        item = next((v for k, v in (overridden or {}).items() if loc == k or loc.startswith(k + ".")), None)
+        where = f"--set {item!r}" if item is not None else source
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
