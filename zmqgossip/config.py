@@ -112,9 +112,6 @@ SMALL_POOL = 8  # sockets per peer in larger networks (bounded whatever their si
 class NetworkConfig(_Strict):
     transport: Literal["inproc", "ipc", "tcp"] = Field("inproc", description="inproc needs one process")
     timeout_s: float = Field(10.0, gt=0, le=3600, description="per-pull timeout")
-    connect_timeout_s: float = Field(3.0, gt=0, le=3600, description=(
-        "ipc/tcp: a peer not connected this long after its socket opened is unreachable; its pulls "
-        "fail at once until it is back"))
     pool_size: int | None = Field(None, ge=1, le=4096, description=(
         "outgoing sockets kept per peer (LRU); default: one per other peer up to 33 peers (no "
         f"socket churn), else {SMALL_POOL}"))

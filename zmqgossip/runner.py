@@ -86,8 +86,7 @@ def peer_settings(cfg: ExperimentConfig, pid: int) -> PeerSettings:
 
 def transport_config(cfg: ExperimentConfig) -> TransportConfig:
     n = cfg.network
-    return TransportConfig(pool_size=n.pool_size, timeout_s=n.timeout_s, connect_timeout_s=n.connect_timeout_s, hwm=n.hwm,
-                           limits=Limits(max_abs=n.max_abs))
+    return TransportConfig(pool_size=n.pool_size, timeout_s=n.timeout_s, hwm=n.hwm, limits=Limits(max_abs=n.max_abs))
 
 
 @dataclass

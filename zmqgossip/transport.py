@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import math
 import os
 import resource
 import tempfile
@@ -145,9 +144,6 @@ class TransportConfig:
 
     pool_size: int = 8  # outgoing DEALERs kept per peer (LRU)
     timeout_s: float = 10.0  # default per-pull timeout
-    # ipc/tcp: a socket still not connected this long after it was opened makes pulls fail
-    # as "unreachable" at once instead of waiting out their timeout (a dead peer's process)
-    connect_timeout_s: float = 3.0
     hwm: int = 16  # messages queued per socket before refusing: models are big
     limits: Limits = wire.DEFAULT_LIMITS
     check_sender: bool = True
@@ -511,10 +507,9 @@ class Transport:
         sock.connect(endpoint)
         d = _Dealer(sock)
         assert self._loop is not None
-        if not endpoint.startswith("inproc://"):
-            # inproc is left to the pull timeout: its connects do not wait for a peer (a
-            # request to an unbound name is queued until someone binds it)
-            d.reachable_by = self._loop.time() + self.config.connect_timeout_s
+        # ipc/tcp sockets reconnect by themselves; an inproc one never does once its peer
+        # closed (and a request to an unbound inproc name waits for whoever binds it).
+        d.reconnects = not endpoint.startswith("inproc://")
         # Registered for the socket's lifetime: a pull only sets what it waits for.
         self._loop.add_reader(d.fd, d.on_ready)
         self._pool[peer] = d
@@ -555,7 +550,9 @@ class _Dealer:
         self.users = 0  # pulls using or queued on this socket
         self.evicted = False  # out of the pool; closed when users drops to 0
         self.closed = False
-        self.reachable_by = math.inf  # loop time: not connected by then means unreachable
+        self.reconnects = True  # ipc/tcp: ZeroMQ connects again after the peer went away
+        self.was_connected = False  # a request went out once: not connected now = peer gone
+        self.down = False  # never connected within a pull's timeout: pulls fail at once
         self.op: _Pull | None = None  # the pull whose request is on this socket
         self.want = 0  # what that pull waits for: POLLOUT to send, POLLIN for the reply
         self.queue: deque[_Pull] = deque()  # pulls waiting for the socket
@@ -638,25 +635,24 @@ class _Pull:
         self.send()
 
     def send(self) -> None:
-        if self.later is not None:  # the request's delay, or the wait for a connection
-            self.later.cancel()
-            self.later = None
+        self.later = None
         d, loop = self.dealer, self.t._loop
         assert d is not None and loop is not None
         try:
             _send_now(d.sync, self.frames)
         except zmq.Again:  # not connected (IMMEDIATE; one request in flight, so never full)
-            if loop.time() >= d.reachable_by:
+            if d.was_connected or d.down:  # the peer went away, or never came: do not wait
+                if not d.reconnects:
+                    self.t._evict(self.peer, d)
                 self.unreachable()
                 return
-            d.want = _POLLOUT
-            if d.reachable_by < math.inf:
-                self.later = loop.call_at(d.reachable_by, self.unreachable)
+            d.want = _POLLOUT  # a fresh socket still connecting: wait, up to the timeout
             loop.call_soon(d.on_ready)  # reads EVENTS: re-arms the descriptor, or sends now
             return
         except zmq.ZMQError as e:
             self.fail(e)
             return
+        d.was_connected = True
         c = self.t.counters
         c.msgs_out += 1
         c.bytes_out += len(self.frames[0])
@@ -664,12 +660,9 @@ class _Pull:
         d.on_ready()  # reads EVENTS: re-arms the descriptor (or the reply is already here)
 
     def unreachable(self) -> None:
-        """No connection to the peer: fail now. The socket stays in the pool and keeps
-        reconnecting (ipc/tcp), so later pulls fail at once while the peer is down and go
-        through as soon as it is back."""
-        self.later = None
-        if self.done or self.dealer is None or self.dealer.op is not self or self.dealer.want == _POLLIN:
-            return
+        """No connection to the peer: fail now. An ipc/tcp socket stays in the pool and keeps
+        reconnecting, so later pulls fail at once while the peer is down and go through as
+        soon as it is back."""
         self.finish(PullResult(self.peer, False, reason="unreachable",
                                detail=f"no connection to peer {self.peer} (down, a wrong endpoint, or a refused handshake)"))
 
@@ -715,10 +708,10 @@ class _Pull:
         self.timer = None
         d = self.dealer
         if d is not None and d.op is self:
-            if d.want == _POLLOUT and d.reachable_by < math.inf:
+            if d.want == _POLLOUT and d.reconnects:
                 # Never connected within this pull's timeout: the socket holds no request,
                 # so it stays (reconnecting) and the next pulls to this peer fail at once.
-                d.reachable_by = 0.0
+                d.down = True
                 self.unreachable()
                 return
             self.t._evict(self.peer, d)  # it may still get the reply, or hold the request
