@@ -360,7 +360,7 @@ def test_killed_peers_stop_answering_and_the_rest_finish(tmp_path):
     print(f"pulls of the victims before the kill {len(early_ok)}, after {len(late_ok)}; "
           f"failed pulls of them later: {len(failed_at_victims)}")
     assert early_ok and not late_ok
-    assert failed_at_victims and set(failed_at_victims) == {"timeout"}
+    assert failed_at_victims and set(failed_at_victims) <= {"timeout", "unreachable"}
     for pid, r in rd.results().items():
         evs = rd.events(pid)
         if pid in victims:

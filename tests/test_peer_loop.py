@@ -278,10 +278,11 @@ def test_neighbour_dies_midrun_others_finish(tmp_path, run_async):
     timeouts = sum(r["counters"]["pull_failures"].get("timeout", 0) for r in results.values())
     assert timeouts > 0
     assert s["pulls_failed"] >= timeouts and s["failed_peers"] == [victim]
-    # Failed pulls show in the events: every pull of the dead peer after its death timed out.
+    # Failed pulls show in the events: every pull of the dead peer after its death failed,
+    # at once on a socket that had been connected to it (unreachable), else by timeout.
     failed = [(j, why) for pid in results for e in rd.events(pid) for j, why in e["failed"].items()]
     at_victim = [why for j, why in failed if j == str(victim)]
-    assert at_victim and set(at_victim) == {"timeout"}
+    assert at_victim and set(at_victim) <= {"timeout", "unreachable"} and "timeout" in at_victim
     # Live peers answer (a stray timeout on a very busy machine is tolerated, not a pattern).
     assert len(failed) - len(at_victim) <= 2, failed
     assert len(rd.events(victim)) >= 1
