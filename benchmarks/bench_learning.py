@@ -78,6 +78,13 @@ def _timed(fn: Callable[[], object]) -> float:
     return (time.perf_counter() - t) * 1000
 
 
+def _scored(loss: Callable[[dict], float], states: list[dict]) -> tuple[float, list[float]]:
+    """(milliseconds, losses) of scoring every state with ``loss``."""
+    out: list[float] = []
+    ms = _timed(lambda: out.extend(loss(s) for s in states))
+    return ms, out
+
+
 def naive_mean_loss(model: torch.nn.Module, raw: np.ndarray, y: torch.Tensor) -> float:
     """The reference code's scoring: per-image ToTensor + Normalize on every pass, batches of 8."""
     model.eval()
@@ -115,6 +122,14 @@ def measure(threads: int, rounds: int, seed: int = 0) -> Figures:
     parts: dict[str, list[float]] = {
         k: [] for k in ("round", "aggregate", "train", "score", "validate", "module", "naive")
     }
+    def via_module(s: dict) -> float:
+        scratch.load_state_dict(s)
+        return mean_loss(scratch, x, y)
+
+    def via_reference(s: dict) -> float:
+        scratch.load_state_dict(s)
+        return naive_mean_loss(scratch, raw, y)
+
     faults = 0
     for r in range(rounds + 1):  # round 0 warms up allocator and kernels; not counted
         f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -122,32 +137,12 @@ def measure(threads: int, rounds: int, seed: int = 0) -> Figures:
         agg = _timed(lambda: model.load_state_dict(weighted_average([model.state_dict(), *pulled], [N_TRAIN] * 6)))
         tr = _timed(lambda: train(model, x, y, epochs=EPOCHS, batch_size=BATCH, lr=LR, generator=gen))
         va = _timed(lambda: evaluate(model, vx, vy))
-        ours: list[float] = []
-
-        def score() -> None:
-            for s in pulled:
-                ours.append(scorer.mean_loss(s))
-
-        sc = _timed(score)
+        sc, ours = _scored(scorer.mean_loss, pulled)
         total = (time.perf_counter() - t0) * 1000
         if r > 0:
             faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
-        theirs: list[float] = []
-
-        def naive() -> None:
-            for s in pulled:
-                scratch.load_state_dict(s)
-                theirs.append(naive_mean_loss(scratch, raw, y))
-
-        nv = _timed(naive)
-        generic: list[float] = []
-
-        def module() -> None:
-            for s in pulled:
-                scratch.load_state_dict(s)
-                generic.append(mean_loss(scratch, x, y))
-
-        md = _timed(module)
+        nv, theirs = _scored(via_reference, pulled)
+        md, generic = _scored(via_module, pulled)
         assert np.allclose(ours, theirs, rtol=1e-4), (ours, theirs)  # same numbers, other cost
         assert np.allclose(ours, generic, rtol=1e-6), (ours, generic)
         if r > 0:
