@@ -240,8 +240,9 @@ def _tiny_async_cfg(**kw) -> config.ExperimentConfig:
 
 
 def test_neighbour_dies_midrun_others_finish(tmp_path, run_async):
-    """Peer 0's loop is cancelled and its sockets closed after its second update; the others
-    time out on it (0.5 s) and still finish every round."""
+    """Peer 0's loop is cancelled and its sockets closed after its second update; the others'
+    pulls of it fail (at once: nothing serves its endpoint any more; a request already out
+    times out after 0.5 s) and they still finish every round."""
     cfg = _tiny_async_cfg(rounds=6, network={"timeout_s": 0.5}, policy={"tau": 0.5})
     torch.set_num_threads(cfg.compute.threads)
     part = runner.build_partition(cfg)
@@ -275,14 +276,13 @@ def test_neighbour_dies_midrun_others_finish(tmp_path, run_async):
     results = rd.results()
     assert sorted(results) == [p for p in range(cfg.peers) if p != victim]
     assert all(r["status"] == "done" and r["steps"] == cfg.rounds for r in results.values())
-    timeouts = sum(r["counters"]["pull_failures"].get("timeout", 0) for r in results.values())
-    assert timeouts > 0
-    assert s["pulls_failed"] >= timeouts and s["failed_peers"] == [victim]
-    # Failed pulls show in the events: every pull of the dead peer after its death failed,
-    # at once on a socket that had been connected to it (unreachable), else by timeout.
+    unreachable = sum(r["counters"]["pull_failures"].get("unreachable", 0) for r in results.values())
+    assert unreachable > 0
+    assert s["pulls_failed"] >= unreachable and s["failed_peers"] == [victim]
+    # Failed pulls show in the events: every pull of the dead peer after its death failed.
     failed = [(j, why) for pid in results for e in rd.events(pid) for j, why in e["failed"].items()]
     at_victim = [why for j, why in failed if j == str(victim)]
-    assert at_victim and set(at_victim) <= {"timeout", "unreachable"} and "timeout" in at_victim
+    assert at_victim and set(at_victim) <= {"timeout", "unreachable"}
     # Live peers answer (a stray timeout on a very busy machine is tolerated, not a pattern).
     assert len(failed) - len(at_victim) <= 2, failed
     assert len(rd.events(victim)) >= 1

@@ -290,6 +290,34 @@ def test_a_peer_that_is_down_fails_fast_and_is_pulled_again_once_it_is_up(kind, 
     run_async(body(), 30)
 
 
+def test_an_inproc_peer_that_stopped_serving_fails_at_once_and_is_pulled_again_when_back(actx, run_async):
+    async def body():
+        d = make_directory("inproc", [0, 1])
+        serving: set[str] = set()  # what the runner shares between the transports of a process
+        me = Transport(actx, 0, d, serving=serving)
+        peer = Transport(actx, 1, d, serving=serving)
+        await me.start()
+        r = await me.pull(1, timeout=5)  # not started yet
+        assert r.reason == "unreachable" and r.latency_s < 0.1, r
+        await peer.start()
+        peer.publish(payload({"w": torch.ones(3)}, version=1))
+        assert (await me.pull(1, timeout=5)).ok
+        await peer.close()
+        t0 = time.perf_counter()
+        r = await me.pull(1, timeout=5)
+        assert r.reason == "unreachable" and time.perf_counter() - t0 < 0.1, r  # not after 5 s
+        back = peer.reopen()  # a rejoining peer: same endpoint, same snapshot
+        await back.start()
+        try:
+            r = await me.pull(1, timeout=5)
+            assert r.ok and r.message.version == 1
+        finally:
+            await back.close()
+            await me.close()
+
+    run_async(body(), 20)
+
+
 def test_a_cancelled_pull_counts_nothing_and_leaves_the_transport_usable(actx, run_async):
     state = reference_state(4)
 

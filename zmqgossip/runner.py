@@ -129,6 +129,7 @@ def build_peers(
     peers: dict[int, Peer] = {}
     schema = None
     tcfg = transport_config(cfg)
+    serving: set[str] = set()  # inproc endpoints bound now (in this context, so in this process)
     for pid in ids:
         torch.manual_seed(cfg.seed if cfg.train.same_init else cfg.seed * 100_003 + pid)
         model = models.build_model(name, part.input_shape, part.num_classes)
@@ -140,7 +141,7 @@ def build_peers(
             pens_sampled=cfg.policy.pens_sampled, pens_phase1_rounds=cfg.policy.pens_phase1_rounds,
         )
         transport = Transport(ctx, pid, directory, config=tcfg, expect=schema, links=links,
-                              security=keyring.for_peer(pid) if keyring is not None else None)
+                              security=keyring.for_peer(pid) if keyring is not None else None, serving=serving)
         peers[pid] = Peer(
             pid, part.clients[pid], model, scratch, policy, transport, peer_settings(cfg, pid), run, executor,
             seed=cfg.seed * 1_000_003 + pid, t0=t0, turns=turns,

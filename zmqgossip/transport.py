@@ -167,6 +167,7 @@ class Transport:
         links: LinkModel | None = None,
         bind: str | None = None,
         security: "CurveKeys | None" = None,
+        serving: set[str] | None = None,
     ) -> None:
         self.ctx = ctx
         self.id = peer_id
@@ -176,6 +177,10 @@ class Transport:
         self.links = links
         #: CURVE keys (own pair, the roster's public keys): encrypted, authenticated peers
         self.security = security
+        #: the inproc endpoints served right now by the transports of this context (shared
+        #: by them): a pull to one that is not fails at once, as a refused connection would
+        #: (ZeroMQ itself queues it until someone binds the name)
+        self.serving = serving
         self.endpoint = directory[peer_id] if bind is None else bind
         self.counters = Counters()
         self._payload: ModelPayload | None = None
@@ -219,6 +224,8 @@ class Transport:
         if self.endpoint.startswith("tcp://") and self.endpoint.endswith(":0"):
             self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._inbox = sock
+        if self.serving is not None and self.endpoint.startswith("inproc://"):
+            self.serving.add(self.endpoint)
         self._inbox_sync = zmq.Socket.shadow(sock.underlying)
         # Served straight from the event loop's readiness callback: no task, no Future per
         # request (pyzmq's asyncio layer costs more than the rest of a small pull).
@@ -231,6 +238,8 @@ class Transport:
         if self._closed:
             return
         self._closed = True
+        if self.serving is not None and self._inbox is not None:
+            self.serving.discard(self.endpoint)
         if self._inbox_fd is not None and self._loop is not None:
             self._loop.remove_reader(self._inbox_fd)
             self._inbox_fd = None
@@ -250,7 +259,7 @@ class Transport:
     def reopen(self) -> "Transport":
         """A fresh transport at the same endpoint for a peer that rejoins; counters carry over."""
         t = Transport(self.ctx, self.id, self.directory, config=self.config, expect=self.expect, links=self.links,
-                      security=self.security)
+                      security=self.security, serving=self.serving)
         t.counters = self.counters
         if self._payload is not None:
             t.publish(self._payload)
@@ -449,6 +458,10 @@ class Transport:
             return op
         if self.security is not None and self.security.server_key(peer) is None:
             op.finish(PullResult(peer, False, reason="unknown_peer", detail=f"no CURVE public key for peer {peer}"))
+            return op
+        if self.serving is not None and endpoint not in self.serving and endpoint.startswith("inproc://"):
+            self._evict(peer)  # an inproc socket never reconnects: a fresh one serves it when it is back
+            op.finish(PullResult(peer, False, reason="unreachable", detail=f"peer {peer} is not serving (nothing bound at {endpoint})"))
             return op
         dealer = op.dealer = self._dealer(peer, endpoint)
         dealer.users += 1  # held from now on: the LRU must not close this socket under the pull
