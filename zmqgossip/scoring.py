@@ -40,7 +40,7 @@ class _CNN28Patches:
     10x10 outputs, so only the first 12x12 pooled conv1 outputs are computed.
 
     Memory: 144 x 16 x C floats per image (9 KiB for MNIST), kept for the client's training
-    set. The cost per scored model is ~40% of the module path's on one core.
+    set. A scored model costs about two thirds of the module path's time on one core.
     """
 
     SIDE = 12  # pooled conv1 outputs that conv2 + its pool read, per side
