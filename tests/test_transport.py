@@ -318,6 +318,28 @@ def test_an_inproc_peer_that_stopped_serving_fails_at_once_and_is_pulled_again_w
     run_async(body(), 20)
 
 
+def test_an_inproc_peer_can_serve_again_at_its_name_right_after_closing(actx, run_async):
+    """ZeroMQ frees a closed inproc name only when its reaper gets to the socket; a peer that
+    rejoins at once must still bind it (without the retry, about a third of these fail)."""
+    async def body():
+        d = make_directory("inproc", [0, 1])
+        me = Transport(actx, 0, d)
+        await me.start()
+        try:
+            for i in range(100):
+                t = Transport(actx, 1, d)
+                await t.start()
+                t.publish(payload({"w": torch.full((2,), float(i))}, version=i + 1))
+                r = await me.pull(1, timeout=5)
+                assert r.ok and r.message.version == i + 1
+                await t.close()
+                me._evict(1)  # an inproc socket to a closed peer never reconnects
+        finally:
+            await me.close()
+
+    run_async(body(), 60)
+
+
 def test_a_cancelled_pull_counts_nothing_and_leaves_the_transport_usable(actx, run_async):
     state = reference_state(4)
 

@@ -215,12 +215,20 @@ class Transport:
         sock.setsockopt(zmq.MAXMSGSIZE, 64 * 1024)  # inbound are requests: small
         if self.security is not None:
             self._secure_inbox(sock)
-        try:
-            sock.bind(self.endpoint)
-        except zmq.ZMQError as e:
-            self._stop_monitor()
-            sock.close(0)
-            raise TransportError(f"peer {self.id} cannot bind {self.endpoint}: {e}") from None
+        # A closed inproc socket releases its name only when ZeroMQ's reaper gets to it: a
+        # peer that rejoins at once may find the name still taken for a moment.
+        retry_until = time.monotonic() + (1.0 if self.endpoint.startswith("inproc://") else 0.0)
+        while True:
+            try:
+                sock.bind(self.endpoint)
+                break
+            except zmq.ZMQError as e:
+                if e.errno == zmq.EADDRINUSE and time.monotonic() < retry_until:
+                    await asyncio.sleep(0.01)
+                    continue
+                self._stop_monitor()
+                sock.close(0)
+                raise TransportError(f"peer {self.id} cannot bind {self.endpoint}: {e}") from None
         if self.endpoint.startswith("tcp://") and self.endpoint.endswith(":0"):
             self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._inbox = sock
