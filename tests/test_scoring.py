@@ -65,7 +65,7 @@ def test_cnn28_logits_match_the_module_sample_by_sample(mnist) -> None:
     assert k is not None
     with torch.inference_mode():
         want = m(x)
-        got = torch.cat([k.logits(state, k.phase_kernels(state["features.0.weight"]), lo, min(250, lo + 64)) for lo in range(0, 250, 64)])
+        got = torch.cat([k.logits(state, k.prepare(state), lo, min(250, lo + 64)) for lo in range(0, 250, 64)])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert torch.equal(got.argmax(1), want.argmax(1))
 
@@ -86,7 +86,10 @@ def test_any_batching_channels_and_weights_give_the_modules_loss(n: int, batch: 
     torch.manual_seed(seed)
     state = {k: v * scale for k, v in build_model("cnn28", shape, 10).state_dict().items()}
     got = Scorer(build_model("cnn28", shape, 10), x, y, batch_size=batch).mean_loss(state)
-    assert got == pytest.approx(_module_loss("cnn28", shape, state, x, y), rel=1e-5, abs=1e-6)
+    # fc1 adds its 800 inputs in another order than the module. With inputs and weights
+    # x5 the logits reach the hundreds and a loss of ~20 is a difference of large numbers,
+    # so that order shows at ~2e-5 relative; a wrong kernel or a lost ReLU is off by far more.
+    assert got == pytest.approx(_module_loss("cnn28", shape, state, x, y), rel=1e-4, abs=1e-6)
 
 
 @pytest.mark.parametrize("name,shape", [("mlp", (1, 8, 8)), ("cnn32", (3, 32, 32))])

@@ -299,17 +299,18 @@ class Peer:
             self.state.status = "done"
         if self.settings.checkpoint_every:
             counters = self.transport.counters.as_dict()
-            await self._compute(lambda: self.save(self.checkpoint_path, counters))
+            await self._compute(lambda: self.save(self.checkpoint_path, counters, durable=True))
         result = self.result(test_acc=best_acc, final_test_acc=final_acc)
         self.run_dir.write_result(self.id, result)
         return result
 
     # ------------------------------------------------------------------ checkpoints
-    def save(self, path: Path, counters: dict[str, Any] | None = None) -> None:
+    def save(self, path: Path, counters: dict[str, Any] | None = None, durable: bool = False) -> None:
         """Write everything needed to resume this peer (atomic; no pickle).
 
         ``counters``: the transport's counters, read on the event loop's thread (the
-        default reads them here, which is only safe when nothing else is running)."""
+        default reads them here, which is only safe when nothing else is running).
+        ``durable``: sync it to the disk (the final one; see checkpoint.py)."""
         tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         if self.checkpoint.best_state is not None:
             tensors.update({f"best.{k}": v for k, v in self.checkpoint.best_state.items()})
@@ -323,7 +324,7 @@ class Peer:
             "policy": self.policy.state(),
             "counters": counters if counters is not None else self.transport.counters.as_dict(),
         }
-        save_checkpoint(path, tensors, meta)
+        save_checkpoint(path, tensors, meta, durable=durable)
 
     def restore(self, path: Path) -> int:
         """Load a checkpoint written by :meth:`save`; return its step."""

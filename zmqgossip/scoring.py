@@ -9,8 +9,10 @@ peer's own model.
 For the paper's 28x28 CNN (:class:`~zmqgossip.models.CNN28`) the data are kept as phase
 patches, so that conv1 + ReLU + 2x2 max-pool become one matrix product per pooling phase
 and a maximum (see :class:`_CNN28Patches`); only the outputs the network uses are
-computed. The logits are those of ``CNN28.forward`` (bit for bit on the CPUs we measured;
-``tests/test_scoring.py`` holds them to it). Every other model is loaded into a scratch
+computed, and fc1 reads the pooled conv2 outputs in the order they are in. The logits are
+those of ``CNN28.forward`` to float rounding (fc1 adds its inputs in another order; the
+losses of trained models on MNIST differ by at most a few 1e-8, relative, and
+``tests/test_scoring.py`` holds them to 1e-6). Every other model is loaded into a scratch
 copy and evaluated with :func:`zmqgossip.learning.mean_loss`.
 """
 
@@ -53,6 +55,17 @@ class _CNN28Patches:
         self.patches = windows.permute(0, 2, 3, 1, 4, 5).reshape(n * self.rows, c * 16).contiguous()
         self.channels = c
 
+    def prepare(self, state: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-model weights in the forms :meth:`logits` uses: conv1's phase kernels, and
+        fc1's weight with its inputs in (H, W, C) order, the order the pooled conv2 outputs
+        are in (permuting 51k weights once per model is cheaper than the activations of
+        every batch)."""
+        fc1 = state["classifier.1.weight"]
+        c = int(state["features.3.weight"].shape[0])
+        side = (self.SIDE - 2) // 2
+        fc1_hwc = fc1.view(fc1.shape[0], c, side, side).permute(0, 2, 3, 1).reshape(fc1.shape[0], -1)
+        return self.phase_kernels(state["features.0.weight"]), fc1_hwc
+
     def phase_kernels(self, w1: torch.Tensor) -> torch.Tensor:
         """(4, 16*C, out) matrices: conv1's kernel at offset (a, b) of a 4x4 window, per phase."""
         out, c = int(w1.shape[0]), self.channels
@@ -62,7 +75,11 @@ class _CNN28Patches:
             w[phase, :, a : a + 3, b : b + 3] = k
         return w.view(4, c * 16, out)
 
-    def logits(self, state: Mapping[str, torch.Tensor], w4: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    def logits(
+        self, state: Mapping[str, torch.Tensor], prepared: tuple[torch.Tensor, torch.Tensor], lo: int, hi: int
+    ) -> torch.Tensor:
+        """Logits of samples ``lo:hi``; ``prepared`` is :meth:`prepare` of ``state``."""
+        w4, fc1_hwc = prepared
         n, s = hi - lo, self.SIDE
         rows = self.patches[lo * self.rows : hi * self.rows]
         h = torch.matmul(rows, w4)  # 4, n*144, 16: one product per pooling phase
@@ -78,8 +95,7 @@ class _CNN28Patches:
         # 2x2 max-pool as the maximum of four strided views: ~2x faster than max_pool2d here
         p = torch.maximum(torch.maximum(v[:, :, 0, :, 0], v[:, :, 0, :, 1]), torch.maximum(v[:, :, 1, :, 0], v[:, :, 1, :, 1]))
         p.relu_()
-        h = p.permute(0, 3, 1, 2).flatten(1)  # the module's (C, H, W) flatten order
-        h = F.linear(h, state["classifier.1.weight"], state["classifier.1.bias"]).relu_()
+        h = F.linear(p.reshape(n, -1), fc1_hwc, state["classifier.1.bias"]).relu_()  # (H, W, C) order
         return F.linear(h, state["classifier.3.weight"], state["classifier.3.bias"])
 
 
@@ -107,8 +123,8 @@ class Scorer:
         n, bs, k = int(self.y.shape[0]), self.batch_size, self._cnn28
         total = torch.zeros((), dtype=torch.float64)
         with torch.inference_mode():
-            w4 = k.phase_kernels(state["features.0.weight"])
+            prepared = k.prepare(state)
             for lo in range(0, n, bs):
                 hi = min(n, lo + bs)
-                total += F.cross_entropy(k.logits(state, w4, lo, hi), self.y[lo:hi], reduction="sum").double()
+                total += F.cross_entropy(k.logits(state, prepared, lo, hi), self.y[lo:hi], reduction="sum").double()
         return float(total) / n
