@@ -305,6 +305,44 @@ def test_a_killed_worker_is_reported_and_the_others_finish(tmp_path):
     assert all(len(rd.events(p)) >= 2 for p in dead_peers)
 
 
+def test_waiting_for_remote_peers_gives_up_on_a_cut_connection_but_not_on_a_silent_peer(actx, run_async):
+    """A worker that is done waits for the others' peers (it keeps serving them). One whose
+    connection was cut (its worker died) is given up after ``gone_when_unreachable``, not
+    after ``gone_after`` (3 pull timeouts in a run); one that is connected but silent (too
+    busy to answer) is still waited for. Real ipc sockets in this process."""
+    import asyncio
+    import shutil
+
+    import zmq
+
+    from zmqgossip.runner import _wait_remote
+    from zmqgossip.transport import Transport, ipc_dir, make_directory
+
+    async def body():
+        base = ipc_dir()
+        d = make_directory("ipc", [0, 1, 2], base=base)
+        me, dying = Transport(actx, 0, d), Transport(actx, 1, d)
+        silent = actx.socket(zmq.ROUTER)  # bound and connected, never answers a ping
+        silent.setsockopt(zmq.LINGER, 0)
+        silent.bind(d[2])
+        try:
+            await me.start()
+            await dying.start()
+            assert await me.ping(1, timeout=5) is not None  # connected, then its process dies:
+            await dying.close()
+            far = time.time() + 3600
+            gone = await asyncio.wait_for(_wait_remote(me, [1], "done", far, gone_after=3600, gone_when_unreachable=0.5), 30)
+            assert gone == [1]
+            with pytest.raises(asyncio.TimeoutError):  # silence is not a cut connection
+                await asyncio.wait_for(_wait_remote(me, [2], "done", far, gone_after=3600, gone_when_unreachable=0.5), 3)
+        finally:
+            await me.close()
+            silent.close(0)
+            shutil.rmtree(base, ignore_errors=True)
+
+    run_async(body(), 60)
+
+
 @pytest.mark.parametrize("target", ["parent", "group"])
 def test_ctrl_c_stops_the_run_and_keeps_partial_results(tmp_path, target):
     """SIGINT to ``zmqgossip run --processes 2`` mid-run (to the parent only, or to the

@@ -37,7 +37,7 @@ from .policies import make_policy
 from .security import KeyRing, stop_gatekeeper
 from .transport import Transport, TransportConfig, make_directory, preflight
 from .turns import Turns
-from .wire import Limits, schema_of
+from .wire import Kind, Limits, schema_of
 
 EventHook = Callable[[dict[str, Any]], None]
 
@@ -150,30 +150,44 @@ def build_peers(
 
 
 async def _wait_remote(
-    probe: Transport, remote: Sequence[int], key: str, deadline: float, gone_after: float
+    probe: Transport, remote: Sequence[int], key: str, deadline: float, gone_after: float,
+    gone_when_unreachable: float | None = None,
 ) -> list[int]:
     """Ping remote peers until each reports ``key`` (or stays silent ``gone_after`` s).
 
-    Returns the peers given up on.  A peer's status travels in its PONG.
+    ``gone_when_unreachable``: give a peer up sooner, after that many seconds in which its
+    pings found no connection at all (its process is gone) rather than no answer (a peer
+    too busy to answer in time). Returns the peers given up on.  A peer's status travels
+    in its PONG.
     """
     pending = set(remote)
     silent_since: dict[int, float] = {}
+    cut_since: dict[int, float] = {}
     gone: list[int] = []
     while pending and time.time() < deadline:
         batch = sorted(pending)[: probe.config.pool_size]
-        replies = await asyncio.gather(*(probe.ping(p, timeout=1.0) for p in batch))
+        replies = await asyncio.gather(*(probe.pull(p, 1.0, kind=Kind.PING) for p in batch))
         now = time.time()
-        for p, st in zip(batch, replies):
+        for p, r in zip(batch, replies):
+            st = r.message.meta if r.ok and r.message is not None else None
             if st is not None and st.get(key):
                 pending.discard(p)
                 silent_since.pop(p, None)
             elif st is None:
                 since = silent_since.setdefault(p, now)
-                if now - since >= gone_after:
+                if r.reason == "unreachable":
+                    cut: float | None = cut_since.setdefault(p, now)
+                else:  # it answered late or timed out: alive as far as we know
+                    cut_since.pop(p, None)
+                    cut = None
+                if now - since >= gone_after or (
+                    gone_when_unreachable is not None and cut is not None and now - cut >= gone_when_unreachable
+                ):
                     pending.discard(p)
                     gone.append(p)
             else:
                 silent_since.pop(p, None)
+                cut_since.pop(p, None)
         if pending:
             await asyncio.sleep(0.1)
     gone.extend(sorted(pending))
@@ -238,7 +252,10 @@ async def host_peers(
                 results[p.id] = await p.finish()
             p.transport.status["done"] = True
         # Keep serving until the others are done too, so nobody pulls from a closed peer.
-        gone = await _wait_remote(probe, remote, "done", time.time() + 24 * 3600, gone_after=3 * cfg.network.timeout_s)
+        # A peer whose connection is cut (its worker died) is given up after 2 s, enough to
+        # ride out a reconnect; one that is only silent (busy, slow link) after 3 timeouts.
+        gone = await _wait_remote(probe, remote, "done", time.time() + 24 * 3600, gone_after=3 * cfg.network.timeout_s,
+                                  gone_when_unreachable=2.0)
         # Then until each other host has seen us done ("finished": it saw all its remotes
         # done). Without this second phase a host that closed right after seeing the last
         # host done left that host pinging silence for 3 timeouts before it could end.
