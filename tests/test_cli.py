@@ -12,6 +12,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -225,6 +226,13 @@ def _commands() -> dict[str, Any]:
 
 def test_every_command_is_registered():
     assert {"run", "worker", "presets", "report", "compare"} <= set(_commands())
+
+
+def test_the_command_line_loads_without_torch():
+    """`zmqgossip --help`, `presets` and every command's --help answer without importing torch
+    (1.7 s of a 3.7 s `--help` here before): it loads inside the commands that need it."""
+    code = "import sys, zmqgossip.cli; assert 'torch' not in sys.modules, 'the CLI imports torch'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
 @pytest.mark.parametrize("command", sorted(_commands()))

@@ -9,8 +9,6 @@ from typing import Optional
 import typer
 
 from .. import config as config_mod
-from ..data import DataError
-from ..transport import TransportError
 from .app import app, fail, out
 
 
@@ -29,10 +27,13 @@ def run(
     report: bool = typer.Option(True, help="write the report plots at the end"),
 ) -> None:
     """Run an experiment and print its result table."""
+    # Imported here, not at the top: torch loads only when a command needs it.
+    from ..data import DataError
     from ..procs import run_processes
     from ..progress import RunProgress
     from ..report import summary_table
     from ..runner import build_partition, check_model, run_local
+    from ..transport import TransportError
 
     overrides = list(set_)
     if processes is not None:

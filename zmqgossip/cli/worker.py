@@ -9,8 +9,6 @@ from typing import Optional
 import typer
 
 from .. import config as config_mod
-from ..data import DataError
-from ..transport import TransportError
 from .app import app, fail, out
 
 
@@ -24,12 +22,15 @@ def worker(
     """Run this host's peers of a roster (start one worker on every host)."""
     import asyncio
 
+    # Imported here, not at the top: torch loads only when a command needs it.
+    from ..data import DataError
     from ..metrics import RunDir, summarize
     from ..progress import RunProgress
     from ..report import summary_table
     from ..roster import load_roster
     from ..runner import build_partition, check_model, host_peers, prepare_run
     from ..security import keys_folder, load_keyring
+    from ..transport import TransportError
 
     keyring = None
     try:
