@@ -46,6 +46,9 @@ class _CNN28Patches:
     """
 
     SIDE = 12  # pooled conv1 outputs that conv2 + its pool read, per side
+    # Samples per batch: half the per-op overhead of batches of 100, intermediates still
+    # within L3 (7.4 MB for conv1's four phases). 5-8% faster than 100 here; 400 is slower.
+    BATCH = 200
 
     def __init__(self, x: torch.Tensor) -> None:
         n, c = int(x.shape[0]), int(x.shape[1])
@@ -106,14 +109,16 @@ class Scorer:
     touched); states are expected to match its schema (the wire checks that on receive).
     """
 
-    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = learning.EVAL_BATCH) -> None:
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int | None = None) -> None:
         if int(x.shape[0]) != int(y.shape[0]):
             raise ValueError(f"{x.shape[0]} inputs but {y.shape[0]} labels")
         if int(y.shape[0]) == 0:
             raise ValueError("no samples to score on")
-        self.model, self.x, self.y, self.batch_size = model, x, y, batch_size
         shape = tuple(int(s) for s in x.shape[1:])
         self._cnn28 = _CNN28Patches(x) if isinstance(model, CNN28) and shape[1:] == (28, 28) else None
+        if batch_size is None:
+            batch_size = _CNN28Patches.BATCH if self._cnn28 is not None else learning.EVAL_BATCH
+        self.model, self.x, self.y, self.batch_size = model, x, y, batch_size
 
     def mean_loss(self, state: Mapping[str, torch.Tensor]) -> float:
         """Mean cross-entropy over the client's data of the model with parameters ``state``."""
