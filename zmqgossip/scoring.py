@@ -11,7 +11,7 @@ patches, so that conv1 + ReLU + 2x2 max-pool become one matrix product per pooli
 and a maximum (see :class:`_CNN28Patches`); only the outputs the network uses are
 computed, and fc1 reads the pooled conv2 outputs in the order they are in. The logits are
 those of ``CNN28.forward`` to float rounding (fc1 adds its inputs in another order; the
-losses of trained models on MNIST differ by at most a few 1e-8, relative, and
+losses of trained models on MNIST differ by at most a few 1e-8, relative;
 ``tests/test_scoring.py`` holds them to 1e-6). Every other model is loaded into a scratch
 copy and evaluated with :func:`zmqgossip.learning.mean_loss`.
 """
