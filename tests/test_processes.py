@@ -9,8 +9,10 @@ Figures seen while writing are in the docstrings.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,11 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq
 
 from _helpers import default_sigint, tiny_experiment, to_toml, toml_value, with_overrides, zmqgossip_cmd  # noqa: F401
 
 from zmqgossip.metrics import RunDir
-from zmqgossip.transport import free_tcp_ports
+from zmqgossip.runner import _wait_remote
+from zmqgossip.transport import Transport, free_tcp_ports, ipc_dir, make_directory
 
 RUN_TIMEOUT_S = 150  # a hung run fails the test instead of the suite
 
@@ -310,13 +314,6 @@ def test_waiting_for_remote_peers_gives_up_on_a_cut_connection_but_not_on_a_sile
     connection was cut (its worker died) is given up after ``gone_when_unreachable``, not
     after ``gone_after`` (3 pull timeouts in a run); one that is connected but silent (too
     busy to answer) is still waited for. Real ipc sockets in this process."""
-    import asyncio
-    import shutil
-
-    import zmq
-
-    from zmqgossip.runner import _wait_remote
-    from zmqgossip.transport import Transport, ipc_dir, make_directory
 
     async def body():
         base = ipc_dir()

@@ -176,10 +176,10 @@ async def _wait_remote(
             elif st is None:
                 since = silent_since.setdefault(p, now)
                 if r.reason == "unreachable":
-                    cut: float | None = cut_since.setdefault(p, now)
+                    cut_since.setdefault(p, now)
                 else:  # it answered late or timed out: alive as far as we know
                     cut_since.pop(p, None)
-                    cut = None
+                cut = cut_since.get(p)
                 if now - since >= gone_after or (
                     gone_when_unreachable is not None and cut is not None and now - cut >= gone_when_unreachable
                 ):
