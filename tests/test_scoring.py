@@ -11,7 +11,7 @@ from zmqgossip import wire
 from zmqgossip.data import load_dataset
 from zmqgossip.learning import mean_loss, train
 from zmqgossip.models import build_model
-from zmqgossip.scoring import Scorer
+from zmqgossip.scoring import Scorer, _CNN28Patches
 
 
 def _module_loss(
@@ -90,6 +90,61 @@ def test_any_batching_channels_and_weights_give_the_modules_loss(n: int, batch: 
     # x5 the logits reach the hundreds and a loss of ~20 is a difference of large numbers,
     # so that order shows at ~2e-5 relative; a wrong kernel or a lost ReLU is off by far more.
     assert got == pytest.approx(_module_loss("cnn28", shape, state, x, y), rel=1e-4, abs=1e-6)
+
+
+def test_on_mnist_the_background_windows_are_computed_once_per_batch(mnist) -> None:
+    x, y = mnist
+    states = _trained_states(x, y, 2)
+    scorer = Scorer(build_model("cnn28", (1, 28, 28), 10), x, y, batch_size=100)
+    k = scorer._cnn28
+    assert k is not None and k.patches is None  # the background path
+    # About half of MNIST's windows are the black field; each batch keeps one of them.
+    assert k.blocks.shape[0] < 0.6 * x.shape[0] * k.rows
+    dense = Scorer(build_model("cnn28", (1, 28, 28), 10), x, y, batch_size=100)
+    dense._cnn28 = _CNN28Patches(x, 100, skip_background=False)
+    assert dense._cnn28.patches is not None
+    for s in states:
+        assert scorer.mean_loss(s) == pytest.approx(dense.mean_loss(s), rel=1e-6)
+        assert scorer.mean_loss(s) == pytest.approx(_module_loss("cnn28", (1, 28, 28), s, x, y), rel=1e-6)
+
+
+def test_data_without_a_uniform_field_keep_every_window() -> None:
+    x = torch.randn(20, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    k = Scorer(build_model("cnn28", (1, 28, 28), 10), x, torch.zeros(20, dtype=torch.long))._cnn28
+    assert k is not None and k.patches is not None
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 30),
+    batch=st.integers(1, 40),
+    channels=st.sampled_from([1, 3]),
+    size=st.integers(4, 20),
+    seed=st.integers(0, 2**16),
+)
+def test_images_on_a_uniform_field_give_the_modules_loss_and_logits(n: int, batch: int, channels: int, size: int, seed: int) -> None:
+    """Blobs of any size and place on a per-channel constant field (as normalised digits
+    are): the background path's losses, and its logits for ranges that are not the
+    scorer's batches, are the module's."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (channels, 28, 28)
+    x = torch.randn(1, channels, 1, 1, generator=g).expand(n, *shape).clone()  # the field
+    for i in range(n):
+        r, c = (int(v) for v in torch.randint(4, 28 - size + 1, (2,), generator=g))  # the top-left window stays field
+        x[i, :, r : r + size, c : c + size] = torch.randn(channels, size, size, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    torch.manual_seed(seed)
+    model = build_model("cnn28", shape, 10)
+    state = model.state_dict()
+    scorer = Scorer(build_model("cnn28", shape, 10), x, y, batch_size=batch)
+    k = scorer._cnn28
+    assert k is not None
+    assert scorer.mean_loss(state) == pytest.approx(_module_loss("cnn28", shape, state, x, y), rel=1e-5, abs=1e-6)
+    model.eval()
+    step = max(1, batch // 2 + 1)  # ranges that straddle the scorer's batches
+    with torch.inference_mode():
+        got = torch.cat([k.logits(state, k.prepare(state), lo, min(n, lo + step)) for lo in range(0, n, step)])
+        torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name,shape", [("mlp", (1, 8, 8)), ("cnn32", (3, 32, 32))])
