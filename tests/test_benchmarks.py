@@ -73,7 +73,14 @@ def test_peers_benchmark_runs_both_configs_without_failed_pulls():
         assert c["ratio"] > 0 and c["pulls_failed"] == 0 and c["peer_rounds"] > 0
 
 
-@pytest.mark.parametrize("name", ["processes", "learning", "reference", "fuzz"])
+def test_learning_benchmark_scores_mnist_with_the_background_step():
+    line = run_quick("learning")
+    for r in line["results"]:
+        assert r["score_ms"] > 0 and r["train_ms"] > 0
+        assert 0.3 < r["windows_computed"] < 0.6  # about half of MNIST's windows are background
+
+
+@pytest.mark.parametrize("name", ["processes", "reference", "fuzz"])
 def test_other_benchmarks_finish_with_their_figures(name):
     line = run_quick(name)
     assert len(line) > 3
