@@ -4,7 +4,8 @@ One round = aggregate own + 5 pulled models, train (400 samples, E=3, batch 8, A
 validate on 100 samples, and score 5 neighbour models on the training data (mean loss
 with the peer's ``Scorer``: the client's images are kept as phase patches, so conv1 and
 its pool are matrix products, and the windows that are only MNIST's black background are
-computed once per batch; the table says what share of the windows it computes). It also times two other ways of scoring the same models:
+computed once per batch; the table says what share of the windows it computes). It also
+times two other ways of scoring the same models:
 the module path (load the state into a scratch model, ``learning.mean_loss``: large
 batches, the data transformed once) and the reference code's way (batches of 8 through
 a DataLoader-like path that converts and normalises every raw image again on each pass).
@@ -160,10 +161,7 @@ def measure(threads: int, rounds: int, seed: int = 0) -> Figures:
 
 
 def _windows_computed(scorer: Scorer) -> float:
-    k = scorer._cnn28
-    if k is None or k.patches is not None:
-        return 1.0
-    return k.blocks.shape[0] / (k.n * k.rows)
+    return scorer._cnn28.windows_computed if scorer._cnn28 is not None else 1.0
 
 
 def print_table(figs: list[Figures]) -> None:

@@ -84,6 +84,11 @@ class _CNN28Patches:
             self.starts = starts  # where each batch's block begins
             self.patches = None
 
+    @property
+    def windows_computed(self) -> float:
+        """Share of conv1's windows the product runs on (1.0: no background path)."""
+        return 1.0 if self.patches is not None else self.blocks.shape[0] / (self.n * self.rows)
+
     def _rows(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The rows conv1's product runs on for samples lo:hi, and where each window's
         output is among them (None: one row per window, in order)."""
