@@ -192,9 +192,11 @@ async def time_async(call: Callable[[], Awaitable[Any]], seconds: float, warmup:
     end = time.perf_counter() + seconds
     while time.perf_counter() < end or len(lat) < 5:
         t0 = time.perf_counter()
-        got = await call()  # held until the next one arrives, as a user holds a pulled model
+        got = await call()
+        # Released inside the timed span, before the next request, as raw_once drops its
+        # reply and as a peer drops the models it pulled before it pulls again.
+        del got
         lat.append(time.perf_counter() - t0)
-    del got
     return lat
 
 
