@@ -340,6 +340,37 @@ def test_waiting_for_remote_peers_gives_up_on_a_cut_connection_but_not_on_a_sile
     run_async(body(), 60)
 
 
+def test_waiting_for_start_up_gives_up_on_a_peer_that_answered_then_died_but_not_on_one_not_up_yet(actx, run_async):
+    """At start-up a worker waits for the others' peers to be ready. One that answered (up,
+    still warming up) and then lost every connection (its worker was killed) is given up
+    after ``gone_when_unreachable``; one nobody has reached yet (its worker still starting,
+    nothing bound) is still waited for. Real ipc sockets in this process."""
+
+    async def body():
+        base = ipc_dir()
+        d = make_directory("ipc", [0, 1, 2], base=base)
+        me, dying = Transport(actx, 0, d), Transport(actx, 1, d)
+        try:
+            await me.start()
+            await dying.start()
+            dying.status.update(ready=False)  # up, warming up
+            far = time.time() + 3600
+            waiting = asyncio.ensure_future(_wait_remote(me, [1], "ready", far, gone_after=3600, gone_when_unreachable=0.5,
+                                                         cut_only_after_answer=True))
+            await asyncio.sleep(0.5)  # it has answered "not ready" by now
+            assert not waiting.done()
+            await dying.close()
+            assert await asyncio.wait_for(waiting, 30) == [1]
+            with pytest.raises(asyncio.TimeoutError):  # peer 2: nothing bound yet, never answered
+                await asyncio.wait_for(_wait_remote(me, [2], "ready", far, gone_after=3600, gone_when_unreachable=0.5,
+                                                    cut_only_after_answer=True), 3)
+        finally:
+            await me.close()
+            shutil.rmtree(base, ignore_errors=True)
+
+    run_async(body(), 60)
+
+
 @pytest.mark.parametrize("target", ["parent", "group"])
 def test_ctrl_c_stops_the_run_and_keeps_partial_results(tmp_path, target):
     """SIGINT to ``zmqgossip run --processes 2`` mid-run (to the parent only, or to the

@@ -108,7 +108,19 @@ def test_kill_9_a_worker_then_resume_completes_the_run(tmp_path):
         time.sleep(0.2)  # a killed process writes nothing more
         # A survivor whose worker is still warming up may have logged nothing yet.
         before = {p: rd.events_path(p).read_bytes() if rd.events_path(p).exists() else b"" for p in range(6)}
-        out, err = proc.communicate(timeout=60)
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            # Stuck: every surviving worker prints its threads' stacks (SIGUSR1), then fail with
+            # them. The workers hold the parent's pipes: they go first, or reading would block.
+            stuck = spawned_workers(proc.pid)
+            for w in stuck:
+                os.kill(w, signal.SIGUSR1)
+            time.sleep(1.0)
+            for w in [*stuck, proc.pid]:
+                os.kill(w, signal.SIGKILL)
+            out, err = proc.communicate(timeout=30)
+            raise AssertionError(f"the survivors did not finish within 60 s of the kill:\n{out}\n{err[-6000:]}") from None
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -6,11 +6,14 @@ ZeroMQ or torch threads exist), use one torch thread each unless told otherwise,
 over ipc (processes) or tcp (roster).  The parent only starts, watches and summarises:
 it follows the event files for progress, reports a worker that dies with its exit code
 while the others go on, and on Ctrl-C stops all workers, which write what they did.
+``kill -USR1`` on a worker prints the stack of each of its threads (to see where a stuck
+one waits).
 """
 
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import json
 import multiprocessing as mp
 import os
@@ -42,6 +45,8 @@ def worker_main(
     ``keys``: the CURVE keys folder of a secure roster (the worker reads its own peers'
     secret keys from it; they never travel between processes).
     """
+    if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <worker pid>`: every thread's stack on stderr
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     cfg = ExperimentConfig.model_validate(cfg_data)
     run = RunDir(Path(run_root))
     keyring = None

@@ -151,18 +151,21 @@ def build_peers(
 
 async def _wait_remote(
     probe: Transport, remote: Sequence[int], key: str, deadline: float, gone_after: float,
-    gone_when_unreachable: float | None = None,
+    gone_when_unreachable: float | None = None, cut_only_after_answer: bool = False,
 ) -> list[int]:
     """Ping remote peers until each reports ``key`` (or stays silent ``gone_after`` s).
 
     ``gone_when_unreachable``: give a peer up sooner, after that many seconds in which its
     pings found no connection at all (its process is gone) rather than no answer (a peer
-    too busy to answer in time). Returns the peers given up on.  A peer's status travels
-    in its PONG.
+    too busy to answer in time). ``cut_only_after_answer``: apply that rule only to a peer
+    that answered a ping of this wait before (at start-up a peer nobody can reach may not
+    be up yet; one that answered and then lost every connection has died). Returns the
+    peers given up on.  A peer's status travels in its PONG.
     """
     pending = set(remote)
     silent_since: dict[int, float] = {}
     cut_since: dict[int, float] = {}
+    answered: set[int] = set()
     gone: list[int] = []
     while pending and time.time() < deadline:
         batch = sorted(pending)[: probe.config.pool_size]
@@ -175,7 +178,7 @@ async def _wait_remote(
                 silent_since.pop(p, None)
             elif st is None:
                 since = silent_since.setdefault(p, now)
-                if r.reason == "unreachable":
+                if r.reason == "unreachable" and (p in answered or not cut_only_after_answer):
                     cut_since.setdefault(p, now)
                 else:  # it answered late or timed out: alive as far as we know
                     cut_since.pop(p, None)
@@ -186,6 +189,7 @@ async def _wait_remote(
                     pending.discard(p)
                     gone.append(p)
             else:
+                answered.add(p)
                 silent_since.pop(p, None)
                 cut_since.pop(p, None)
         if pending:
@@ -234,7 +238,10 @@ async def host_peers(
             elif p.id not in late:
                 await scenario.start(p)
         probe = next(iter(peers.values())).transport
-        await _wait_remote(probe, remote, "ready", time.time() + ready_timeout_s, gone_after=ready_timeout_s)
+        # A remote that answered and then lost every connection (its worker died while
+        # this one waited) is given up after 2 s, not after the start-up deadline.
+        await _wait_remote(probe, remote, "ready", time.time() + ready_timeout_s, gone_after=ready_timeout_s,
+                           gone_when_unreachable=2.0, cut_only_after_answer=True)
         if not resume:
             # Round 0 starts now: a `seconds` budget, scenario times and event times count
             # from here, not from the launch (spawning workers and warming up take seconds,
