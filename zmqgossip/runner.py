@@ -41,6 +41,10 @@ from .wire import Kind, Limits, schema_of
 
 EventHook = Callable[[dict[str, Any]], None]
 
+#: Seconds a remote peer may have no connection at all before a waiting host gives it up
+#: (its process is gone): enough to ride out a reconnect.
+GONE_WHEN_CUT_S = 2.0
+
 def make_shift(cfg: ExperimentConfig, num_classes: int) -> LabelShift | LabelPermutation | Rotation:
     """The partitioner a config describes (paper defaults where fractions are omitted)."""
     d = cfg.data
@@ -180,7 +184,7 @@ async def _wait_remote(
                 since = silent_since.setdefault(p, now)
                 if r.reason == "unreachable" and (p in answered or not cut_only_after_answer):
                     cut_since.setdefault(p, now)
-                else:  # it answered late or timed out: alive as far as we know
+                else:  # late, timed out, or not reached yet at start-up: not known to be gone
                     cut_since.pop(p, None)
                 cut = cut_since.get(p)
                 if now - since >= gone_after or (
@@ -239,9 +243,9 @@ async def host_peers(
                 await scenario.start(p)
         probe = next(iter(peers.values())).transport
         # A remote that answered and then lost every connection (its worker died while
-        # this one waited) is given up after 2 s, not after the start-up deadline.
+        # this one waited) is given up after GONE_WHEN_CUT_S, not after the start-up deadline.
         await _wait_remote(probe, remote, "ready", time.time() + ready_timeout_s, gone_after=ready_timeout_s,
-                           gone_when_unreachable=2.0, cut_only_after_answer=True)
+                           gone_when_unreachable=GONE_WHEN_CUT_S, cut_only_after_answer=True)
         if not resume:
             # Round 0 starts now: a `seconds` budget, scenario times and event times count
             # from here, not from the launch (spawning workers and warming up take seconds,
@@ -259,10 +263,10 @@ async def host_peers(
                 results[p.id] = await p.finish()
             p.transport.status["done"] = True
         # Keep serving until the others are done too, so nobody pulls from a closed peer.
-        # A peer whose connection is cut (its worker died) is given up after 2 s, enough to
-        # ride out a reconnect; one that is only silent (busy, slow link) after 3 timeouts.
+        # A peer whose connection is cut (its worker died) is given up after GONE_WHEN_CUT_S;
+        # one that is only silent (busy, slow link) after 3 timeouts.
         gone = await _wait_remote(probe, remote, "done", time.time() + 24 * 3600, gone_after=3 * cfg.network.timeout_s,
-                                  gone_when_unreachable=2.0)
+                                  gone_when_unreachable=GONE_WHEN_CUT_S)
         # Then until each other host has seen us done ("finished": it saw all its remotes
         # done). Without this second phase a host that closed right after seeing the last
         # host done left that host pinging silence for 3 timeouts before it could end.
