@@ -156,12 +156,8 @@ def measure(threads: int, rounds: int, seed: int = 0) -> Figures:
     per_round = {p: statistics.median(a / t for a, t in zip(parts[p], parts["train"])) for p in ("score", "validate")}
     return Figures(
         threads, rounds, med["round"], med["aggregate"], med["train"], med["score"], med["validate"], med["module"],
-        med["naive"], faults // rounds, per_round["score"], per_round["validate"], _windows_computed(scorer),
+        med["naive"], faults // rounds, per_round["score"], per_round["validate"], scorer.windows_computed,
     )
-
-
-def _windows_computed(scorer: Scorer) -> float:
-    return scorer._cnn28.windows_computed if scorer._cnn28 is not None else 1.0
 
 
 def print_table(figs: list[Figures]) -> None:

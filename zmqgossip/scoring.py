@@ -167,6 +167,11 @@ class Scorer:
         self._cnn28 = _CNN28Patches(x, batch_size) if is_cnn28 else None
         self.model, self.x, self.y, self.batch_size = model, x, y, batch_size
 
+    @property
+    def windows_computed(self) -> float:
+        """Share of the CNN28's conv1 windows the product runs on (1.0 for any other path)."""
+        return self._cnn28.windows_computed if self._cnn28 is not None else 1.0
+
     def mean_loss(self, state: Mapping[str, torch.Tensor]) -> float:
         """Mean cross-entropy over the client's data of the model with parameters ``state``."""
         if self._cnn28 is None:
