@@ -375,7 +375,8 @@ def test_waiting_for_start_up_gives_up_on_a_peer_that_answered_then_died_but_not
 def test_ctrl_c_stops_the_run_and_keeps_partial_results(tmp_path, target):
     """SIGINT to ``zmqgossip run --processes 2`` mid-run (to the parent only, or to the
     whole process group as a terminal's Ctrl-C does): exit code 130 within a few seconds,
-    no process left, every peer's result (interrupted or done) and a summary written."""
+    no process left, every peer's result (interrupted or done) and a summary written. A
+    SIGUSR1 to a worker before that prints its threads' stacks and stops nothing."""
     exp = write_experiment(tmp_path / "exp.toml", rounds=100_000, seconds=60.0)
     out = tmp_path / "out"
     proc = popen("run", str(exp), "--processes", "2", "--out", str(out), "-q", "--no-report", cwd=tmp_path,
@@ -383,7 +384,10 @@ def test_ctrl_c_stops_the_run_and_keeps_partial_results(tmp_path, target):
     try:
         wait_for_progress(proc, out, peers=12, steps=2)
         kids = children(proc.pid)
-        assert len(worker_children(proc.pid)) == 2
+        workers = worker_children(proc.pid)
+        assert len(workers) == 2
+        os.kill(workers[0], signal.SIGUSR1)  # a worker prints its threads' stacks and goes on
+        time.sleep(0.5)
         t = time.perf_counter()
         if target == "parent":
             os.kill(proc.pid, signal.SIGINT)
@@ -399,6 +403,7 @@ def test_ctrl_c_stops_the_run_and_keeps_partial_results(tmp_path, target):
     assert proc.returncode == 130, stderr[-3000:]
     assert took < 15.0
     assert "interrupted" in stderr and str(out) in stderr
+    assert "most recent call first" in stderr and "worker_main" in stderr  # the SIGUSR1 stacks
     deadline = time.monotonic() + 3.0
     while time.monotonic() < deadline and any(running(k) for k in kids):
         time.sleep(0.05)
