@@ -19,7 +19,8 @@ same Transport server as the pulls:
 
 so raw -> floor is the price of waiting on an event loop instead of blocking in ZeroMQ,
 floor -> floor+ the price of validating into tensors, and floor+ -> pull what the
-Transport itself adds (request ids, timeouts, the socket pool, counters).
+Transport itself adds (request ids, timeouts, the socket pool, counters): printed as
+pull / floor+, the median over rounds of the pull slice's rate over the floor+ slice's.
 
 Reported: pulls/s, GB/s of model bytes, p50/p99 latency over all rounds, and the ratio
 to raw of pulls per second: each side runs in 20 short slices, each slice between two
@@ -334,6 +335,10 @@ def run_config(kind: str, size: str, where: str, seconds: float, base: str, remo
            "ratio": median(ratios["pull"]), "ratio_rounds": ratios["pull"]}
     for k in sides[2:]:
         out[f"{k}_ratio"] = median(ratios[k])
+    if "floor+" in sides:
+        # What the Transport costs beyond the least a validating event-loop client does:
+        # each round's pull slice over the floor+ slice of the same round.
+        out["pull_vs_floor+"] = median([p / f for p, f in zip(rates["pull"], rates["floor+"])])
     return out
 
 
@@ -387,7 +392,8 @@ def main() -> None:
     for r in results:
         if r["kind"] == "ipc" and r["where"] == "2proc":
             print(f"ipc, two processes, {r['size']} ({r['bytes'] / MB:.2f} MiB): pull/raw = {r['ratio']:.2f} (target >= 0.8); "
-                  f"asyncio floor {r['floor_ratio']:.2f}, floor + decode {r['floor+_ratio']:.2f}")
+                  f"asyncio floor {r['floor_ratio']:.2f}, floor + decode {r['floor+_ratio']:.2f}; "
+                  f"pull / floor+ = {r['pull_vs_floor+']:.2f}")
     figures = {f"{r['kind']}_{r['where']}_{r['size']}": {k: v for k, v in r.items() if k not in ("kind", "size", "where", "sides")}
                for r in results}
     json_line("transport", {"env": environment(), "quick": args.quick, "seconds": seconds, **figures})

@@ -55,7 +55,7 @@ def test_transport_benchmark_measures_pulls_raw_and_the_asyncio_floor():
     for kind in ("ipc", "tcp"):
         for size in ("0.25MB", "10MB"):
             r = line[f"{kind}_2proc_{size}"]
-            assert r["ratio"] > 0 and r["floor_ratio"] > 0 and r["floor+_ratio"] > 0
+            assert r["ratio"] > 0 and r["floor_ratio"] > 0 and r["floor+_ratio"] > 0 and r["pull_vs_floor+"] > 0
 
 
 def test_stress_benchmark_reports_each_part():
