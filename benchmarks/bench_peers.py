@@ -24,7 +24,9 @@ peer-round, robust to other load on a shared machine; the event loop's share is 
 thread's CPU time), and the share of the runner's whole wall time spent outside compute
 (1 - sum of the peers' ``compute_s`` / wall; ``compute_s`` is wall time inside the
 executor thread, warm-up, snapshot encoding, checkpoints and final evaluations included,
-so on one core it also counts time the compute thread was preempted by the event loop).
+so on one core it also counts time the compute thread was preempted by the event loop),
+and the runner's extra CPU per peer-round over the plain loop, split into the event loop's
+and the compute thread's, beside what the 0.9 target allows (base / 0.9 - base).
 
 Configs: (a) digits + MLP, label shift; (b) mnist-bundled + CNN28, rotation 0/180.
 Run: ``python benchmarks/bench_peers.py [--quick] [--only mlp|cnn] [--repeats R] [--profile]``.
@@ -295,6 +297,12 @@ def bench(setting: Setting, rounds: int, profile: bool, repeats: int) -> dict:
         "runner_ms_per_round": 1000.0 / shown["rounds_per_s"],
         "ratio": ratio,
         "cpu_ratio": cpu_ratio,
+        # Where the runner's extra CPU per peer-round goes (the median run), and how much the
+        # 0.9 target allows: base / 0.9 - base.
+        "extra_cpu_ms_per_round": shown["cpu_ms_per_round"] - shown_base["baseline_cpu_ms_per_round"],
+        "compute_thread_extra_cpu_ms_per_round": shown["cpu_ms_per_round"] - shown_base["baseline_cpu_ms_per_round"]
+        - shown["main_thread_cpu_ms_per_round"],
+        "target_allows_cpu_ms_per_round": shown_base["baseline_cpu_ms_per_round"] * (1 / 0.9 - 1),
         "ratios": [p["ratio"] for p in per_run],
         "cpu_ratios": [p["cpu_ratio"] for p in per_run],
         "runs": per_run,
@@ -357,6 +365,10 @@ def main() -> None:
               f"({', '.join(f'{r:.3f}' for r in f['ratios'])}) ({verdict} the 0.9 target); CPU ratios "
               f"{', '.join(f'{r:.3f}' for r in f['cpu_ratios'])}; baseline segments "
               f"{', '.join(f'{r:.1f}' for r in f['baseline_segments_per_s'])} r/s")
+        print(f"{f['config']}: the runner spends {f['extra_cpu_ms_per_round']:.2f} ms of CPU per peer-round more than "
+              f"the plain loop's {f['baseline_cpu_ms_per_round']:.2f} ({f['main_thread_cpu_ms_per_round']:.2f} on the event "
+              f"loop, {f['compute_thread_extra_cpu_ms_per_round']:+.2f} in the compute thread); the target allows "
+              f"{f['target_allows_cpu_ms_per_round']:.2f}")
     print(f"pinned to CPUs {pinned}" if pinned else "not pinned", f"; load average before/after: {load0} / {os.getloadavg()}")
     json_line("peers", {"quick": args.quick, "cpus_pinned": pinned, "load_avg_before": load0, "environment": environment(),
                               "configs": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in f.items()} for f in figures]})

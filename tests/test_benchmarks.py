@@ -71,6 +71,7 @@ def test_peers_benchmark_runs_both_configs_without_failed_pulls():
     assert [c["config"] for c in line["configs"]] == ["mlp", "cnn"]
     for c in line["configs"]:
         assert c["ratio"] > 0 and c["pulls_failed"] == 0 and c["peer_rounds"] > 0
+        assert c["target_allows_cpu_ms_per_round"] > 0 and math.isfinite(c["extra_cpu_ms_per_round"])
 
 
 def test_learning_benchmark_scores_mnist_with_the_background_step():
