@@ -278,6 +278,7 @@ def bench(setting: Setting, rounds: int, profile: bool, repeats: int) -> dict:
     ratio = median([p["ratio"] for p in per_run])
     cpu_ratio = median([p["cpu_ratio"] for p in per_run])
     shown, shown_base = runs[mid], per_run[mid]
+    extra = shown["cpu_ms_per_round"] - shown_base["baseline_cpu_ms_per_round"]
     return {
         "config": setting.key,
         "label": setting.label,
@@ -299,9 +300,8 @@ def bench(setting: Setting, rounds: int, profile: bool, repeats: int) -> dict:
         "cpu_ratio": cpu_ratio,
         # Where the runner's extra CPU per peer-round goes (the median run), and how much the
         # 0.9 target allows: base / 0.9 - base.
-        "extra_cpu_ms_per_round": shown["cpu_ms_per_round"] - shown_base["baseline_cpu_ms_per_round"],
-        "compute_thread_extra_cpu_ms_per_round": shown["cpu_ms_per_round"] - shown_base["baseline_cpu_ms_per_round"]
-        - shown["main_thread_cpu_ms_per_round"],
+        "extra_cpu_ms_per_round": extra,
+        "compute_thread_extra_cpu_ms_per_round": extra - shown["main_thread_cpu_ms_per_round"],
         "target_allows_cpu_ms_per_round": shown_base["baseline_cpu_ms_per_round"] * (1 / 0.9 - 1),
         "ratios": [p["ratio"] for p in per_run],
         "cpu_ratios": [p["cpu_ratio"] for p in per_run],
