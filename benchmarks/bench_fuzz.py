@@ -120,9 +120,14 @@ def main() -> None:
             loop = asyncio.get_running_loop()
             figures["flood"] = await loop.run_in_executor(None, flooder.result)
             marks["after"] = (time.time(), c.msgs_in, sum(c.refusals.values()))
-            flooder.release()
+            # Off the event loop: the flooder closes with a 10 s LINGER, and what it still has
+            # queued goes out only while the victim reads. Joining it on this loop stalled the
+            # victim (every peer of this process) until the linger ran out: no pull and no
+            # round in the "after" phase (its figures came out NaN).
+            releasing = loop.run_in_executor(None, flooder.release)
             await asyncio.sleep(max(0.0, start + 3 * phase - time.time()))
             marks["end"] = (time.time(), c.msgs_in, sum(c.refusals.values()))
+            await releasing
             figures["marks"] = marks
             figures["honest"] = await loop.run_in_executor(None, lambda: out.get(timeout=60))
             puller.join(10)
