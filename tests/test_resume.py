@@ -22,7 +22,7 @@ from zmqgossip.checkpoint import load_checkpoint
 from zmqgossip.metrics import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
-ROUNDS = 6
+ROUNDS = 12  # the kill must land between step 3 and the last round, on slow and fast hosts
 
 EXPERIMENT = f"""
 name = "crash"
@@ -38,7 +38,7 @@ n_val = 10
 test_per_class = 10
 [train]
 model = "mlp"
-epochs = 3  # about 0.2 s a round: long enough to be killed in the middle
+epochs = 3  # 0.07-0.2 s a round on the hosts seen so far
 test_every = 0
 checkpoint_every = 2
 [policy]
