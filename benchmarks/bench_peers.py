@@ -1,7 +1,7 @@
 """Throughput of the asyncio peer runner against the same arithmetic with no peers at all.
 
 N = 20 peers run DAC in one process (``run_local``, async schedule, torch threads 1):
-every compute job goes to the one executor thread, the event loop serves and pulls
+every compute job goes to the one compute thread, the event loop serves and pulls
 models over ZeroMQ (inproc) beside it. The baseline is a plain loop over the same
 partition and models that does, per peer-round, exactly the peer's arithmetic and
 nothing else:
@@ -23,7 +23,7 @@ shared one does, moves the figure less), the same in CPU time (process CPU per
 peer-round, robust to other load on a shared machine; the event loop's share is the main
 thread's CPU time), and the share of the runner's whole wall time spent outside compute
 (1 - sum of the peers' ``compute_s`` / wall; ``compute_s`` is wall time inside the
-executor thread, warm-up, snapshot encoding, checkpoints and final evaluations included,
+compute thread, warm-up, snapshot encoding, checkpoints and final evaluations included,
 so on one core it also counts time the compute thread was preempted by the event loop),
 and the runner's extra CPU per peer-round over the plain loop, split into the event loop's
 and the compute thread's, beside what the 0.9 target allows (base / 0.9 - base).
@@ -120,9 +120,9 @@ class PhaseClock:
         return self.marks[f"{kind}1"] - self.marks[f"{kind}0"]
 
 
-def _profiled_executor(profiles: list[cProfile.Profile]):  # type: ignore[no-untyped-def]
-    """runner.ThreadPoolExecutor whose worker threads run under cProfile."""
-    base = runner.ThreadPoolExecutor
+def _profiled_compute(profiles: list[cProfile.Profile]):  # type: ignore[no-untyped-def]
+    """runner.ComputeThread whose worker thread runs under cProfile."""
+    base = runner.ComputeThread
 
     def start() -> None:
         p = cProfile.Profile()
@@ -148,9 +148,9 @@ def _top(prof: cProfile.Profile | list[cProfile.Profile], n: int = 30) -> str:
 def run_runner(cfg: config.ExperimentConfig, out: Path, profile: bool) -> dict:
     prof = cProfile.Profile() if profile else None
     worker_profs: list[cProfile.Profile] = []
-    orig_executor = runner.ThreadPoolExecutor
+    orig_compute = runner.ComputeThread
     if profile:
-        runner.ThreadPoolExecutor = _profiled_executor(worker_profs)  # type: ignore[misc]
+        runner.ComputeThread = _profiled_compute(worker_profs)  # type: ignore[misc]
     try:
         with PhaseClock() as clock:
             if prof:
@@ -159,7 +159,7 @@ def run_runner(cfg: config.ExperimentConfig, out: Path, profile: bool) -> dict:
             if prof:
                 prof.disable()
     finally:
-        runner.ThreadPoolExecutor = orig_executor  # type: ignore[misc]
+        runner.ComputeThread = orig_compute  # type: ignore[misc]
     rd = RunDir(out)
     events = [e for p in range(cfg.peers) for e in rd.events(p)]
     results = rd.results()

@@ -9,9 +9,11 @@ Layout::
     RUN/pulls.json           pull-count matrix (rows: puller, columns: pulled)
     RUN/summary.json         the figures a user compares
 
-Event lines are written with one ``write`` on a file opened in append mode and closed at
-once: no descriptor is held per peer (a thousand peers stay within limits), a crash
-loses at most the line being written, and a reader skips a torn last line.
+Event lines are written with one unbuffered ``write`` on a file opened in append mode:
+nothing waits in a buffer, a crash loses at most the line being written, and a reader
+skips a torn last line. The files of the most recent writers stay open (at most
+``RunDir.OPEN_EVENT_FILES``, so a thousand peers stay within descriptor limits); an
+update is one ``write``, not an open, a write and a close.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ import json
 import os
 import platform
 import subprocess
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +43,12 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+# One encoder for every line: json.dumps with options builds a new one per call.
+_ENCODER = json.JSONEncoder(default=_json_default, separators=(",", ":"))
+
+
 def dumps(obj: Any) -> str:
-    return json.dumps(obj, default=_json_default, separators=(",", ":"))
+    return _ENCODER.encode(obj)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -101,11 +108,25 @@ class RunDir:
     """Paths of one run directory; creating it makes the folders."""
 
     root: Path
+    #: open event files (peer -> descriptor), least recently written first
+    _open: OrderedDict[int, int] = field(default_factory=OrderedDict, init=False, repr=False, compare=False)
+    _paths: dict[int, str] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    OPEN_EVENT_FILES = 64
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
         self.events_dir.mkdir(parents=True, exist_ok=True)
         self.peers_dir.mkdir(parents=True, exist_ok=True)
+
+    def __del__(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the event files kept open (a later event opens its file again)."""
+        fds = getattr(self, "_open", None)  # absent if __init__ failed
+        while fds:
+            os.close(fds.popitem()[1])
 
     @property
     def events_dir(self) -> Path:
@@ -127,13 +148,19 @@ class RunDir:
         return self.peers_dir / f"peer-{peer}.json"
 
     def append_event(self, peer: int, event: Mapping[str, Any]) -> None:
-        line = dumps(event) + "\n"
-        # O_APPEND + one write: lines from concurrent writers never interleave.
-        fd = os.open(self.events_path(peer), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, line.encode())
-        finally:
-            os.close(fd)
+        line = (dumps(event) + "\n").encode()
+        fd = self._open.get(peer)
+        if fd is None:
+            path = self._paths.get(peer)
+            if path is None:
+                path = self._paths[peer] = str(self.events_path(peer))
+            if len(self._open) >= self.OPEN_EVENT_FILES:
+                os.close(self._open.popitem(last=False)[1])
+            # O_APPEND + one write: lines from concurrent writers never interleave.
+            fd = self._open[peer] = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        else:
+            self._open.move_to_end(peer)
+        os.write(fd, line)
 
     def events(self, peer: int) -> list[dict]:
         """A peer's events; after a resume, a re-run step's last line replaces earlier ones."""

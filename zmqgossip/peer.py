@@ -4,9 +4,9 @@ One implementation for every way of running: the asyncio runner, worker processe
 hosts all drive :class:`Peer` objects; the sequential schedule calls :meth:`Peer.step`
 in the reference code's order, the async schedule lets :meth:`Peer.run` go free.
 
-Compute (scoring, training, evaluation, snapshotting) runs in an executor thread, so the
-event loop keeps answering other peers' pulls while this peer trains; torch releases the
-GIL in its kernels.
+Compute (scoring, training, evaluation, snapshotting) runs in the process's compute
+thread (compute.py), so the event loop keeps answering other peers' pulls while this peer
+trains; torch releases the GIL in its kernels.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import functools
 import math
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,6 +25,7 @@ from torch import nn
 
 from . import learning
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .compute import ComputeThread
 from .data import ClientData
 from .metrics import RunDir
 from .policies import Policy, Pulled
@@ -81,7 +81,7 @@ class Peer:
         transport: Transport,
         settings: PeerSettings,
         run: RunDir,
-        executor: Executor,
+        compute_thread: ComputeThread,
         *,
         seed: int,
         t0: float,
@@ -96,7 +96,7 @@ class Peer:
         self.transport = transport
         self.settings = settings
         self.run_dir = run
-        self.executor = executor
+        self.compute_thread = compute_thread  # shared by the peers of this process
         # Async only: the peers of one process take turns to pull and compute (turns.py).
         self.turns = turns
         self.t0 = t0
@@ -112,15 +112,8 @@ class Peer:
     # ------------------------------------------------------------------ compute
     async def _compute(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` off the event loop (the loop keeps serving meanwhile)."""
-        loop = asyncio.get_running_loop()
-
-        def timed() -> tuple[T, float]:
-            # Timed inside the thread: waiting for the executor is not compute.
-            t = time.perf_counter()
-            return fn(), time.perf_counter() - t
-
         w = time.perf_counter()
-        out, d = await loop.run_in_executor(self.executor, timed)
+        out, d = await self.compute_thread.run(fn)
         self.state.compute_s += d
         self._compute_wall += time.perf_counter() - w
         return out
@@ -192,8 +185,8 @@ class Peer:
         step = self.state.step
         chosen = self.policy.choose()
         t_pull = time.perf_counter()
-        pulling = self.transport.pull_many(chosen, self.settings.pull_timeout_s)
-        results = await (pulling if turn is None else turn.wait_for(pulling))
+        pulling = self.transport.start_pulls(chosen, self.settings.pull_timeout_s)
+        results = await (pulling.wait() if turn is None else turn.wait_for(pulling))
         pull_s = time.perf_counter() - t_pull
         replies = [r for r in results if r.ok and r.message is not None]
         failed = {str(r.peer): r.reason for r in results if not r.ok}

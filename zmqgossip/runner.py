@@ -17,7 +17,6 @@ import asyncio
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ import zmq
 import zmq.asyncio
 
 from . import models
+from .compute import ComputeThread
 from .config import ConfigError, ExperimentConfig
 from .data import LabelPermutation, LabelShift, Partition, Rotation, load_dataset
 from .links import Links, ScenarioEvent
@@ -99,11 +99,11 @@ class Hosted:
 
     peers: dict[int, Peer]
     ctx: zmq.asyncio.Context
-    executor: ThreadPoolExecutor
+    compute: ComputeThread
 
     async def close(self) -> None:
         await asyncio.gather(*(p.transport.close() for p in self.peers.values()), return_exceptions=True)
-        self.executor.shutdown(wait=True, cancel_futures=True)
+        self.compute.shutdown()
         stop_gatekeeper(self.ctx)  # its ZAP socket would keep term() waiting
         self.ctx.term()
 
@@ -125,7 +125,7 @@ def build_peers(
     """
     ctx = zmq.asyncio.Context()
     preflight(ctx, len(ids), cfg.network.pool_size, cfg.network.transport, secure=keyring is not None)
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+    compute = ComputeThread("compute")
     turns = Turns(cfg.compute.pull_ahead, cfg.compute.pull_hold_s)  # one computes, pull_ahead pull meanwhile
     name = model_name(cfg, part)
     clusters = {i: c for i, c in enumerate(part.clusters)}
@@ -147,10 +147,10 @@ def build_peers(
         transport = Transport(ctx, pid, directory, config=tcfg, expect=schema, links=links,
                               security=keyring.for_peer(pid) if keyring is not None else None, serving=serving)
         peers[pid] = Peer(
-            pid, part.clients[pid], model, scratch, policy, transport, peer_settings(cfg, pid), run, executor,
+            pid, part.clients[pid], model, scratch, policy, transport, peer_settings(cfg, pid), run, compute,
             seed=cfg.seed * 1_000_003 + pid, t0=t0, turns=turns,
         )
-    return Hosted(peers, ctx, executor)
+    return Hosted(peers, ctx, compute)
 
 
 async def _wait_remote(
@@ -287,6 +287,7 @@ async def host_peers(
         if scenario.applied:
             write_json_atomic(run.root / f"scenario-{min(ids)}.json", scenario.applied)
         await hosted.close()
+        run.close()  # the event files it kept open
     return results
 
 

@@ -427,7 +427,15 @@ class Transport:
 
     async def pull_many(self, peers: Iterable[int], timeout: float | None = None) -> list[PullResult]:
         """Pull several peers concurrently; results in the order of ``peers``."""
-        return await self._pulls(tuple(peers), timeout, None, Kind.PULL_REQUEST)
+        return await self.start_pulls(peers, timeout).wait()
+
+    def start_pulls(self, peers: Iterable[int], timeout: float | None = None) -> "PullBatch":
+        """Send one pull per peer now; ``await batch.wait()`` gives the results in that order.
+
+        For a caller that does something while they travel (a peer lends its turn when
+        they take long, see turns.py) without wrapping them in a task of their own.
+        """
+        return self._begin(tuple(peers), timeout, None, Kind.PULL_REQUEST)
 
     async def ping(self, peer: int, timeout: float = 1.0) -> dict[str, Any] | None:
         """``peer``'s status map if it answers within ``timeout``, else None."""
@@ -435,27 +443,24 @@ class Transport:
         return r.message.meta if r.ok and r.message is not None else None
 
     async def _pulls(self, peers: tuple[int, ...], timeout: float | None, expect: Schema | None, kind: Kind) -> list[PullResult]:
-        """Run one pull per peer at once and wait for all of them.
+        return await self._begin(peers, timeout, expect, kind).wait()
+
+    def _begin(self, peers: tuple[int, ...], timeout: float | None, expect: Schema | None, kind: Kind) -> "PullBatch":
+        """Start one pull per peer at once.
 
         A pull is not a task: it is sent, answered and timed out by event-loop callbacks
-        (:class:`_Pull`), and the caller's task wakes once, when the last one is done.
+        (:class:`_Pull`), and the task that waits on the batch wakes once, when the last one
+        is done.
         """
         timeout = self.config.timeout_s if timeout is None else timeout
         if self._loop is None:  # a transport that only pulls is never started
             self._loop = asyncio.get_running_loop()
-        batch = _Batch(len(peers), self._loop.create_future())
-        ops = [self._start(peer, timeout, expect if expect is not None else self.expect, kind, batch, i)
-               for i, peer in enumerate(peers)]
-        if batch.left:
-            try:
-                await batch.future
-            except asyncio.CancelledError:  # the caller is gone: drop its pulls, count nothing
-                for op in ops:
-                    op.abandon()
-                raise
-        return batch.results  # type: ignore[return-value]
+        batch = PullBatch(len(peers), self._loop.create_future())
+        batch.ops = [self._start(peer, timeout, expect if expect is not None else self.expect, kind, batch, i)
+                     for i, peer in enumerate(peers)]
+        return batch
 
-    def _start(self, peer: int, timeout: float, expect: Schema | None, kind: Kind, batch: "_Batch", index: int) -> "_Pull":
+    def _start(self, peer: int, timeout: float, expect: Schema | None, kind: Kind, batch: "PullBatch", index: int) -> "_Pull":
         op = _Pull(self, peer, expect, kind, batch, index)
         if self._closed:  # no socket may be opened after close(): it would never be closed
             op.finish(PullResult(peer, False, reason="closed", detail="this transport is closed"))
@@ -594,26 +599,39 @@ class _Dealer:
             return
         if op is not None and events & self.want:
             if self.want == _POLLIN:
-                op.receive()
+                op.receive(known=True)
             else:
                 op.send()
 
 
-class _Batch:
-    """The results of one ``pull``/``pull_many`` call; its future is set by the last pull."""
+class PullBatch:
+    """The pulls of one ``pull``/``pull_many``/``start_pulls`` call; its future is set by the
+    last one to finish."""
 
-    __slots__ = ("results", "left", "future")
+    __slots__ = ("results", "left", "future", "ops")
 
     def __init__(self, n: int, future: asyncio.Future) -> None:
         self.results: list[PullResult | None] = [None] * n
         self.left = n
         self.future = future
+        self.ops: list[_Pull] = []
 
     def deliver(self, index: int, res: PullResult) -> None:
         self.results[index] = res
         self.left -= 1
         if not self.left and not self.future.done():
             self.future.set_result(None)
+
+    async def wait(self) -> list[PullResult]:
+        """The results, in the order the peers were given, once every pull is done."""
+        if self.left:
+            try:
+                await self.future
+            except asyncio.CancelledError:  # the caller is gone: drop its pulls, count nothing
+                for op in self.ops:
+                    op.abandon()
+                raise
+        return self.results  # type: ignore[return-value]
 
 
 class _Pull:
@@ -629,7 +647,7 @@ class _Pull:
     __slots__ = ("t", "peer", "expect", "kind", "batch", "index", "t0", "dealer", "timer", "later",
                  "request_id", "frames", "done")
 
-    def __init__(self, t: Transport, peer: int, expect: Schema | None, kind: Kind, batch: _Batch, index: int) -> None:
+    def __init__(self, t: Transport, peer: int, expect: Schema | None, kind: Kind, batch: PullBatch, index: int) -> None:
         self.t, self.peer, self.expect, self.kind, self.batch, self.index = t, peer, expect, kind, batch, index
         self.t0 = time.perf_counter()
         self.dealer: _Dealer | None = None
@@ -687,14 +705,19 @@ class _Pull:
         self.finish(PullResult(self.peer, False, reason="unreachable",
                                detail=f"no connection to peer {self.peer} (down, a wrong endpoint, or a refused handshake)"))
 
-    def receive(self) -> None:
-        """Read the replies queued on the socket until this pull's own one is there."""
+    def receive(self, known: bool = False) -> None:
+        """Read the replies queued on the socket until this pull's own one is there.
+
+        ``known``: the caller has just read ``EVENTS`` and seen a reply waiting (reading
+        it again costs ZeroMQ a look at its command queue: a poll and a getpid call).
+        """
         d, t = self.dealer, self.t
         assert d is not None
         c = t.counters
         want = _WANT_PONG if self.kind is Kind.PING else _WANT_MODEL
         try:
-            while d.sync.getsockopt(_EVENTS) & _POLLIN:
+            while known or d.sync.getsockopt(_EVENTS) & _POLLIN:
+                known = False
                 reply = _recv_now(d.sync)
                 c.msgs_in += 1
                 try:

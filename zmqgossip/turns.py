@@ -14,11 +14,10 @@ queues for a turn again once its models are in.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Awaitable
-from typing import TypeVar
+from typing import TYPE_CHECKING
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from .transport import PullBatch, PullResult
 
 #: How long a pull may hold a turn before giving it back (``compute.pull_hold_s``): well
 #: above a pull over loopback (milliseconds), below one update's compute (0.1 s and more).
@@ -35,23 +34,30 @@ class Turns:
         self.hold_s = hold_s
         self._sem = asyncio.Semaphore(self.size)
 
-    @contextlib.asynccontextmanager
-    async def turn(self) -> AsyncIterator["Turn"]:
-        """Hold a turn for one update (pull and compute)."""
-        t = Turn(self)
-        await t.take()
-        try:
-            yield t
-        finally:
-            t.give()
+    def turn(self) -> "Turn":
+        """A turn for one update (pull and compute): ``async with turns.turn() as turn``."""
+        return Turn(self)
 
 
 class Turn:
-    """One peer's turn; lent out while its pull waits on the network."""
+    """One peer's turn; lent out while its pull waits on the network.
+
+    An async context manager written out rather than a generator one: it is entered once
+    per peer-round, on the event loop every peer shares.
+    """
+
+    __slots__ = ("turns", "held")
 
     def __init__(self, turns: Turns) -> None:
         self.turns = turns
         self.held = False
+
+    async def __aenter__(self) -> "Turn":
+        await self.take()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.give()
 
     async def take(self) -> None:
         await self.turns._sem.acquire()
@@ -62,16 +68,19 @@ class Turn:
             self.held = False
             self.turns._sem.release()
 
-    async def wait_for(self, aw: Awaitable[T]) -> T:
-        """Await ``aw`` (a pull) holding the turn at most ``hold_s``; hold it again after."""
-        task = asyncio.ensure_future(aw)
-        try:
-            done, _ = await asyncio.wait({task}, timeout=self.turns.hold_s)
-            if not done:
-                self.give()
-                await asyncio.wait({task})
+    async def wait_for(self, batch: "PullBatch") -> "list[PullResult]":
+        """The batch's results, holding the turn at most ``hold_s`` while it travels and
+        again after it is in. A timer lends the turn out: no task, no ``asyncio.wait``."""
+        if batch.left:
+            timer = asyncio.get_running_loop().call_later(self.turns.hold_s, self._lend, batch)
+            try:
+                await batch.wait()
+            finally:
+                timer.cancel()
+            if not self.held:
                 await self.take()
-        except BaseException:
-            task.cancel()
-            raise
-        return task.result()
+        return batch.results  # type: ignore[return-value]
+
+    def _lend(self, batch: "PullBatch") -> None:
+        if batch.left:  # still on the network: let another peer compute meanwhile
+            self.give()

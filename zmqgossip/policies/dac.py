@@ -77,6 +77,7 @@ class DAC(Policy):
         self.similarity_weighted = similarity_weighted
         self.name = "dac-var" if variable else "dac"
         self.index = {int(p): i for i, p in enumerate(self.others)}  # peer id -> column
+        self._others: list[int] = self.others.tolist()  # column -> peer id, as Python ints
         m = len(self.others)
         self.s = np.zeros(m)  # s_i[j]: 1/loss for pulled peers, copied two-hop values otherwise
         self.c = np.zeros(m, dtype=np.int64)  # how often i pulled j
@@ -89,16 +90,20 @@ class DAC(Policy):
         return self._draw(self.p, self.n)
 
     def _draw(self, p: np.ndarray, k: int) -> list[int]:
+        # On Python lists: this runs on the event loop once per peer-round, and a few
+        # numpy calls on 20 numbers cost more there than the whole draw.
         k = min(k, len(self.others))
-        nonzero = np.flatnonzero(p > 0)
-        if len(nonzero) >= k:
-            idx = choice_by_weight(self.rng, p, k)  # = rng.choice(m, k, replace=False, p=p)
+        w = p.tolist()
+        if sum(v > 0 for v in w) >= k:
+            idx = choice_by_weight(self.rng, w, k)  # = rng.choice(m, k, replace=False, p=p)
         else:
             # Too few peers with non-zero weight: all of them, then uniform fill.
+            nonzero = np.flatnonzero(p > 0)
             first = [int(nonzero[i]) for i in choice_by_weight(self.rng, p[nonzero] / p[nonzero].sum(), len(nonzero))]
             rest = np.array([i for i in range(len(self.others)) if not p[i] > 0], dtype=np.int64)
             idx = [*first, *self.rng.choice(rest, size=k - len(nonzero), replace=False).tolist()]
-        return [int(self.others[i]) for i in idx]
+        others = self._others
+        return [others[i] for i in idx]
 
     # -- steps 2 to 6
     def update(self, pulled: Sequence[Pulled]) -> None:

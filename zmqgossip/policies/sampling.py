@@ -24,7 +24,7 @@ def choice_by_weight(rng: np.random.Generator, p: Sequence[float] | np.ndarray, 
     ``p`` must be a probability vector with at least ``k`` positive entries (DAC's draw
     guarantees both; numpy's own checks of p are not repeated here).
     """
-    w = [float(v) for v in p]
+    w = p.tolist() if isinstance(p, np.ndarray) else [float(v) for v in p]  # a copy: zeroed below
     found: list[int] = []
     while len(found) < k:
         # numpy's pass: fresh uniforms for the missing ones, the found ones zeroed, the
