@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -433,3 +434,60 @@ def test_run_directory_contents(label_runs):
     results = RunDir(d).results()
     assert all(r["status"] == "done" and r["compute_s"] > 0 for r in results.values())
     assert sum(r["counters"]["pulls_ok"] for r in results.values()) == 600
+
+
+@pytest.mark.parametrize("min_s, periodic", [(0.0, 6), (3600.0, 1)])
+def test_periodic_checkpoints_are_at_most_one_per_checkpoint_min_s(tmp_path, monkeypatch, min_s, periodic):
+    """checkpoint_every says which rounds may checkpoint, checkpoint_min_s how often at most;
+    the final checkpoint is written whatever the floor."""
+    from zmqgossip.peer import Peer
+
+    saves: list[tuple[int, int, bool]] = []
+    save = Peer.save
+
+    def counted(self, path, counters=None, durable=False):  # type: ignore[no-untyped-def]
+        saves.append((self.id, self.state.step, durable))
+        return save(self, path, counters, durable)
+
+    monkeypatch.setattr(Peer, "save", counted)
+    cfg = make_cfg("dac", peers=4, rounds=6, n_train=20, schedule="async",
+                   train={"checkpoint_every": 1, "checkpoint_min_s": min_s})
+    s = run(cfg, tmp_path / "run")
+    assert s["peer_rounds"] == 4 * 6
+    for pid in range(4):
+        mine = [(step, durable) for p, step, durable in saves if p == pid]
+        assert [step for step, durable in mine if not durable] == list(range(1, periodic + 1))
+        assert mine[-1] == (6, True)  # the final one
+
+
+def test_a_round_leaves_no_reference_cycles_so_received_models_are_freed_at_once(tmp_path):
+    """What a round makes (pulls, replies, decoded tensors, events) is freed by reference
+    counting when the round is done. A cycle would keep each round's received frames
+    alive until the next garbage collection (and the collections themselves cost CPU)."""
+    import gc
+
+    seen: dict[str, Any] = {}
+
+    def hook(e: dict) -> None:
+        if e["peer"] != 0:
+            return
+        if e["step"] == 2:
+            gc.collect()
+            gc.set_debug(gc.DEBUG_SAVEALL)  # what the collector would free is kept for a look
+            seen["from"] = e["step"]
+        elif e["step"] == 8 and "from" in seen:
+            gc.collect()
+            seen["garbage"] = [type(o).__name__ for o in gc.garbage]
+            gc.set_debug(0)
+            gc.garbage.clear()
+
+    cfg = make_cfg("dac", peers=6, rounds=10, n_train=20, schedule="async")
+    try:
+        runner.run_local(cfg, tmp_path / "run", on_event=hook)
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    garbage = seen["garbage"]
+    # ~36 peer-rounds went by: a cycle per round would leave dozens of objects
+    assert len(garbage) < 10, sorted(set(garbage))
+    assert not {"Tensor", "Message", "PullResult", "PullBatch"} & set(garbage)

@@ -41,6 +41,7 @@ model = "mlp"
 epochs = 3  # 0.07-0.2 s a round on the hosts seen so far
 test_every = 0
 checkpoint_every = 2
+checkpoint_min_s = 0  # every 2 rounds, however fast they are
 [policy]
 n = 2
 [network]

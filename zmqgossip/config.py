@@ -91,6 +91,9 @@ class TrainConfig(_Strict):
     test_every: int = Field(5, ge=0, description="evaluate test accuracy every k rounds (0: only at the end)")
     same_init: bool = Field(False, description="all peers start from one initial model")
     checkpoint_every: int = Field(5, ge=0, description="rounds between peer checkpoints, for --resume (0: never)")
+    checkpoint_min_s: float = Field(1.0, ge=0, allow_inf_nan=False, description=(
+        "seconds at least between a peer's periodic checkpoints, whatever checkpoint_every says "
+        "(0: every checkpoint_every rounds): fast rounds would write many a second"))
 
 
 class PolicyConfig(_Strict):

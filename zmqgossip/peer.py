@@ -51,6 +51,7 @@ class PeerSettings:
     rounds: int = 20
     seconds: float | None = None  # async budget in wall seconds (overrides rounds)
     checkpoint_every: int = 5  # rounds between checkpoints (0: never)
+    checkpoint_min_s: float = 1.0  # and at least this many seconds between periodic ones
     max_sample_ratio: float = 1.0  # a pulled model weighs at most this many times my own data size
 
 
@@ -108,6 +109,10 @@ class Peer:
         self._compute_wall = 0.0  # wall time of this update's compute, queueing included
         self.n_samples = int(data.train_y.shape[0])
         self.snapshots = SnapshotMemory()  # this peer's published models take turns in it
+        # The live model's tensors, fetched once: training and load_state_dict change them
+        # in place and never replace them, and state_dict() costs a walk of the module tree.
+        self.live_state = model.state_dict()
+        self._last_checkpoint = -math.inf  # time.monotonic() of the last periodic checkpoint
 
     # ------------------------------------------------------------------ compute
     async def _compute(self, fn: Callable[[], T]) -> T:
@@ -130,7 +135,7 @@ class Peer:
 
     def _snapshot(self) -> ModelPayload:
         return ModelPayload.build(
-            self.model.state_dict(),
+            self.live_state,
             step=self.state.step,
             version=self.state.version + 1,
             n_samples=self.n_samples,
@@ -156,7 +161,7 @@ class Peer:
 
     def _aggregate_train(self, replies: list[PullResult], weights: list[float]) -> dict[str, float]:
         if replies:
-            states = [self.model.state_dict()]
+            states = [self.live_state]
             ws = [weights[0]]
             for r, w in zip(replies, weights[1:]):
                 if w > 0:  # PENS gives zero weight to models outside its top-n
@@ -304,7 +309,7 @@ class Peer:
         ``counters``: the transport's counters, read on the event loop's thread (the
         default reads them here, which is only safe when nothing else is running).
         ``durable``: sync it to the disk (the final one; see checkpoint.py)."""
-        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        tensors = {f"model.{k}": v for k, v in self.live_state.items()}
         if self.checkpoint.best_state is not None:
             tensors.update({f"best.{k}": v for k, v in self.checkpoint.best_state.items()})
         tensors["rng.torch"] = self.generator.get_state()
@@ -338,7 +343,12 @@ class Peer:
     def _maybe_checkpoint(self) -> Path | None:
         every = self.settings.checkpoint_every
         if every and self.state.step % every == 0:
-            return self.checkpoint_path
+            # A resume redoes at most max(every rounds, checkpoint_min_s) of a peer's work;
+            # with rounds of milliseconds, every 5 rounds would be dozens of files a second.
+            now = time.monotonic()
+            if now - self._last_checkpoint >= self.settings.checkpoint_min_s:
+                self._last_checkpoint = now
+                return self.checkpoint_path
         return None
 
     @property

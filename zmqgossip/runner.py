@@ -30,6 +30,7 @@ from . import models
 from .compute import ComputeThread
 from .config import ConfigError, ExperimentConfig
 from .data import LabelPermutation, LabelShift, Partition, Rotation, load_dataset
+from .heap import long_lived_heap
 from .links import Links, ScenarioEvent
 from .metrics import RunDir, summarize, write_json_atomic
 from .peer import Peer, PeerSettings
@@ -84,7 +85,7 @@ def peer_settings(cfg: ExperimentConfig, pid: int) -> PeerSettings:
         pull_timeout_s=cfg.network.timeout_s,
         speed=cfg.compute.slow_factor if pid in cfg.compute.slow_peers else 1.0,
         rounds=cfg.rounds, seconds=cfg.seconds if cfg.schedule == "async" else None,
-        checkpoint_every=t.checkpoint_every, max_sample_ratio=cfg.policy.max_sample_ratio,
+        checkpoint_every=t.checkpoint_every, checkpoint_min_s=t.checkpoint_min_s, max_sample_ratio=cfg.policy.max_sample_ratio,
     )
 
 
@@ -233,61 +234,65 @@ async def host_peers(
     scenario = Scenario(cfg, peers, links, on_event, stop)
     results: dict[int, dict] = {}
     prior = run.results() if resume else {}
-    try:
-        for p in peers.values():
-            if resume and p.checkpoint_path.exists():
-                await scenario.resume(p, done=prior.get(p.id, {}).get("status") == "done")
-                if p.state.status == "done":
-                    results[p.id] = prior[p.id]  # serves its final model; its result stands
-            elif p.id not in late:
-                await scenario.start(p)
-        probe = next(iter(peers.values())).transport
-        # A remote that answered and then lost every connection (its worker died while
-        # this one waited) is given up after GONE_WHEN_CUT_S, not after the start-up deadline.
-        await _wait_remote(probe, remote, "ready", time.time() + ready_timeout_s, gone_after=ready_timeout_s,
-                           gone_when_unreachable=GONE_WHEN_CUT_S, cut_only_after_answer=True)
-        if not resume:
-            # Round 0 starts now: a `seconds` budget, scenario times and event times count
-            # from here, not from the launch (spawning workers and warming up take seconds,
-            # which left a --processes run with a short budget no round at all).
-            start = time.time()
+    # The heap built so far (data, models, sockets) lives until the end: the collector
+    # leaves it alone meanwhile (heap.py). Entered before the warm-up, so the first
+    # collection's pause ages no published model.
+    with long_lived_heap():
+        try:
             for p in peers.values():
-                p.t0 = start
+                if resume and p.checkpoint_path.exists():
+                    await scenario.resume(p, done=prior.get(p.id, {}).get("status") == "done")
+                    if p.state.status == "done":
+                        results[p.id] = prior[p.id]  # serves its final model; its result stands
+                elif p.id not in late:
+                    await scenario.start(p)
+            probe = next(iter(peers.values())).transport
+            # A remote that answered and then lost every connection (its worker died while
+            # this one waited) is given up after GONE_WHEN_CUT_S, not after the start-up deadline.
+            await _wait_remote(probe, remote, "ready", time.time() + ready_timeout_s, gone_after=ready_timeout_s,
+                               gone_when_unreachable=GONE_WHEN_CUT_S, cut_only_after_answer=True)
+            if not resume:
+                # Round 0 starts now: a `seconds` budget, scenario times and event times count
+                # from here, not from the launch (spawning workers and warming up take seconds,
+                # which left a --processes run with a short budget no round at all).
+                start = time.time()
+                for p in peers.values():
+                    p.t0 = start
 
-        if cfg.schedule == "sequential":
-            await _sequential(cfg, scenario, on_event, stop)
-        else:
-            await scenario.run_async()
-        for p in peers.values():
-            if p.state.status in ("running", "killed"):
-                results[p.id] = await p.finish()
-            p.transport.status["done"] = True
-        # Keep serving until the others are done too, so nobody pulls from a closed peer.
-        # A peer whose connection is cut (its worker died) is given up after GONE_WHEN_CUT_S;
-        # one that is only silent (busy, slow link) after 3 timeouts.
-        gone = await _wait_remote(probe, remote, "done", time.time() + 24 * 3600, gone_after=3 * cfg.network.timeout_s,
-                                  gone_when_unreachable=GONE_WHEN_CUT_S)
-        # Then until each other host has seen us done ("finished": it saw all its remotes
-        # done). Without this second phase a host that closed right after seeing the last
-        # host done left that host pinging silence for 3 timeouts before it could end.
-        # Every remote still here was seen done, so silence now just means it has left.
-        for p in peers.values():
-            p.transport.status["finished"] = True
-        await _wait_remote(probe, [p for p in remote if p not in gone], "finished", time.time() + 24 * 3600, gone_after=0)
-        if remote:  # a moment more, so the others' next ping (every 0.1 s) sees us finished
-            await asyncio.sleep(0.3)
-    finally:
-        for p in peers.values():
-            if p.id not in results:
-                if p.state.status in ("new", "running"):
-                    p.state.status = "interrupted"
-                run.write_result(p.id, p.result())
-        if links is not None:
-            write_json_atomic(run.root / f"links-{min(ids)}.json", links.stats.as_dict())
-        if scenario.applied:
-            write_json_atomic(run.root / f"scenario-{min(ids)}.json", scenario.applied)
-        await hosted.close()
-        run.close()  # the event files it kept open
+            if cfg.schedule == "sequential":
+                await _sequential(cfg, scenario, on_event, stop)
+            else:
+                await scenario.run_async()
+            for p in peers.values():
+                if p.state.status in ("running", "killed"):
+                    results[p.id] = await p.finish()
+                p.transport.status["done"] = True
+            # Keep serving until the others are done too, so nobody pulls from a closed peer.
+            # A peer whose connection is cut (its worker died) is given up after GONE_WHEN_CUT_S;
+            # one that is only silent (busy, slow link) after 3 timeouts.
+            gone = await _wait_remote(probe, remote, "done", time.time() + 24 * 3600, gone_after=3 * cfg.network.timeout_s,
+                                      gone_when_unreachable=GONE_WHEN_CUT_S)
+            # Then until each other host has seen us done ("finished": it saw all its remotes
+            # done). Without this second phase a host that closed right after seeing the last
+            # host done left that host pinging silence for 3 timeouts before it could end.
+            # Every remote still here was seen done, so silence now just means it has left.
+            for p in peers.values():
+                p.transport.status["finished"] = True
+            await _wait_remote(probe, [p for p in remote if p not in gone], "finished", time.time() + 24 * 3600, gone_after=0)
+            if remote:  # a moment more, so the others' next ping (every 0.1 s) sees us finished
+                await asyncio.sleep(0.3)
+        finally:
+            for p in peers.values():
+                if p.id not in results:
+                    if p.state.status in ("new", "running"):
+                        p.state.status = "interrupted"
+                    run.write_result(p.id, p.result())
+            if links is not None:
+                write_json_atomic(run.root / f"links-{min(ids)}.json", links.stats.as_dict())
+            if scenario.applied:
+                write_json_atomic(run.root / f"scenario-{min(ids)}.json", scenario.applied)
+            await hosted.close()
+            run.close()  # the event files it kept open
     return results
 
 

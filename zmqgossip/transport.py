@@ -4,7 +4,7 @@ Every peer binds one ROUTER *inbox*.  A pull request that arrives there is answe
 the last published :class:`~zmqgossip.wire.ModelPayload` (cached frames, no re-encoding)
 whatever else the peer is doing.  Pulls go out through DEALER sockets, one per remote peer,
 kept in a small LRU pool so the number of sockets per peer stays bounded however many
-peers exist.  Every pull has a timer; a pull to a dead, slow or unknown peer returns a
+peers exist.  Every pull has a deadline; a pull to a dead, slow or unknown peer returns a
 failed :class:`PullResult` and leaves the pool usable.
 
 Both sides run on event-loop callbacks, not tasks: ZeroMQ's descriptors are registered with
@@ -458,6 +458,8 @@ class Transport:
         batch = PullBatch(len(peers), self._loop.create_future())
         batch.ops = [self._start(peer, timeout, expect if expect is not None else self.expect, kind, batch, i)
                      for i, peer in enumerate(peers)]
+        if batch.left:  # one timer ends every pull of the batch still going at the deadline
+            batch.timer = self._loop.call_at(self._loop.time() + timeout, batch.expire)
         return batch
 
     def _start(self, peer: int, timeout: float, expect: Schema | None, kind: Kind, batch: "PullBatch", index: int) -> "_Pull":
@@ -478,8 +480,6 @@ class Transport:
             return op
         dealer = op.dealer = self._dealer(peer, endpoint)
         dealer.users += 1  # held from now on: the LRU must not close this socket under the pull
-        assert self._loop is not None
-        op.timer = self._loop.call_at(self._loop.time() + timeout, op.expire)
         if dealer.op is None:
             op.begin()
         else:  # one request in flight per socket, so that replies come back in order
@@ -608,19 +608,35 @@ class PullBatch:
     """The pulls of one ``pull``/``pull_many``/``start_pulls`` call; its future is set by the
     last one to finish."""
 
-    __slots__ = ("results", "left", "future", "ops")
+    __slots__ = ("results", "left", "future", "ops", "timer")
 
     def __init__(self, n: int, future: asyncio.Future) -> None:
         self.results: list[PullResult | None] = [None] * n
         self.left = n
         self.future = future
         self.ops: list[_Pull] = []
+        self.timer: asyncio.TimerHandle | None = None
 
     def deliver(self, index: int, res: PullResult) -> None:
         self.results[index] = res
         self.left -= 1
-        if not self.left and not self.future.done():
-            self.future.set_result(None)
+        if not self.left:
+            self._stop_timer()
+            self.ops = []  # they refer to the batch: no cycle keeps the results' frames alive
+            if not self.future.done():
+                self.future.set_result(None)
+
+    def expire(self) -> None:
+        """The timeout: every pull still going fails now (late replies are dropped)."""
+        self.timer = None
+        for op in self.ops:
+            if not op.done:
+                op.expire()
+
+    def _stop_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
     async def wait(self) -> list[PullResult]:
         """The results, in the order the peers were given, once every pull is done."""
@@ -628,8 +644,10 @@ class PullBatch:
             try:
                 await self.future
             except asyncio.CancelledError:  # the caller is gone: drop its pulls, count nothing
+                self._stop_timer()
                 for op in self.ops:
                     op.abandon()
+                self.ops = []
                 raise
         return self.results  # type: ignore[return-value]
 
@@ -639,19 +657,18 @@ class _Pull:
 
     Life: queued on its DEALER (one request in flight per socket, so replies come back in
     order) -> :meth:`begin` (the link emulator may delay or lose the request) -> :meth:`send`
-    -> :meth:`receive` -> :meth:`finish`. Its timer ends it in any state; a socket that timed
+    -> :meth:`receive` -> :meth:`finish`. Its batch's timer ends it in any state; a socket that timed
     out may still hold a late reply or a queued request, so it is evicted and a fresh one
     serves the next pull to that peer.
     """
 
-    __slots__ = ("t", "peer", "expect", "kind", "batch", "index", "t0", "dealer", "timer", "later",
+    __slots__ = ("t", "peer", "expect", "kind", "batch", "index", "t0", "dealer", "later",
                  "request_id", "frames", "done")
 
     def __init__(self, t: Transport, peer: int, expect: Schema | None, kind: Kind, batch: PullBatch, index: int) -> None:
         self.t, self.peer, self.expect, self.kind, self.batch, self.index = t, peer, expect, kind, batch, index
         self.t0 = time.perf_counter()
         self.dealer: _Dealer | None = None
-        self.timer: asyncio.TimerHandle | None = None
         self.later: asyncio.TimerHandle | None = None  # a request the link emulator delays
         self.request_id = 0
         self.frames: list = []
@@ -666,7 +683,7 @@ class _Pull:
         if t.links is not None:
             copies, delay = t.links.plan(t.id, self.peer, len(self.frames[0]))
             if not copies:
-                return  # a lost request: only the timer ends this pull
+                return  # a lost request: only the batch's timer ends this pull
             if delay > 0:
                 assert t._loop is not None
                 self.later = t._loop.call_later(delay, self.send)
@@ -749,7 +766,6 @@ class _Pull:
         self.finish(PullResult(self.peer, False, reason="socket", detail=f"socket error pulling peer {self.peer}: {e}"))
 
     def expire(self) -> None:
-        self.timer = None
         d = self.dealer
         if d is not None and d.op is self:
             if d.want == _POLLOUT and d.reconnects:
@@ -773,10 +789,9 @@ class _Pull:
         if self.done:
             return
         self.done = True
-        for h in (self.timer, self.later):
-            if h is not None:
-                h.cancel()
-        self.timer = self.later = None
+        if self.later is not None:
+            self.later.cancel()
+            self.later = None
         t, d = self.t, self.dealer
         if d is not None:
             if d.op is self:

@@ -107,30 +107,36 @@ class DAC(Policy):
 
     # -- steps 2 to 6
     def update(self, pulled: Sequence[Pulled]) -> None:
+        # Steps 2-4 on Python lists (a few hundred scalar reads and writes of numpy arrays
+        # cost more than the rest of the update); the softmax stays in numpy.
         got = [r for r in pulled if r.loss is not None and r.peer in self.index]
         cols = [self.index[r.peer] for r in got]
+        s, c = self.s.tolist(), self.c.tolist()
         for col in cols:  # step 2: counts before the two-hop rule
-            self.c[col] += 1
+            c[col] += 1
         for r, col in zip(got, cols):  # step 3
             loss = r.loss if math.isfinite(r.loss) else math.inf  # a NaN loss scores 0, like inf
-            self.s[col] = 1.0 / max(loss, LOSS_FLOOR)
-        self._two_hop(got, cols)  # step 4
+            s[col] = 1.0 / max(loss, LOSS_FLOOR)
+        self._two_hop(got, cols, s, c)  # step 4
+        self.s = np.array(s, dtype=np.float64)
+        self.c = np.array(c, dtype=np.int64)
         self.p = softmax_weights(self.s, tau_schedule(self.tau, self.t, self.variable))  # steps 5-6
         super().update(pulled)
 
-    def _two_hop(self, got: Sequence[Pulled], cols: Sequence[int]) -> None:
+    def _two_hop(self, got: Sequence[Pulled], cols: Sequence[int], s: list[float], c: list[int]) -> None:
         # Informed peers in ascending order of s_i[k]; with a stable sort, equal scores
         # keep draw order, so the last writer is the best-scored, later-drawn one.
-        order = sorted(range(len(got)), key=lambda a: self.s[cols[a]])
+        order = sorted(range(len(got)), key=lambda a: s[cols[a]])
+        index = self.index
         for a in order:
             row = got[a].scores
             if not row:
                 continue
             for j, v in row.items():
-                col = self.index.get(j)
-                if col is None or v <= 0 or self.c[col] != 0:
+                col = index.get(j)
+                if col is None or v <= 0 or c[col] != 0:
                     continue
-                self.s[col] = v
+                s[col] = v
 
     def mix_weights(self, own_samples: int, pulled: Sequence[Pulled]) -> list[float]:
         if not self.similarity_weighted or not pulled:
@@ -152,8 +158,8 @@ class DAC(Policy):
         self.p = np.asarray(state["p"], dtype=np.float64)
 
     def score_row(self) -> dict[int, float]:
-        nz = np.flatnonzero(self.s)
-        return {int(self.others[i]): float(self.s[i]) for i in nz}
+        others = self._others
+        return {others[i]: v for i, v in enumerate(self.s.tolist()) if v}
 
     def sampling_weights(self) -> dict[int, float]:
         return {int(p): float(w) for p, w in zip(self.others, self.p)}
