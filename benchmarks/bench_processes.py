@@ -14,7 +14,7 @@ It splits each run's wall time into start-up (command start -> first update), ru
 and the tail (last update -> command exit); prints per-cluster accuracy of each run (a
 speed-up must not come from doing less); and samples every thread of the command and
 its workers in /proc every 0.2 s to show where the CPU went while the peers ran (asyncio
-loop, training executor, ZeroMQ I/O, the watching parent) and how much the rest of the
+loop, compute thread, ZeroMQ I/O, the watching parent) and how much the rest of the
 machine took meanwhile ("other jobs", from /proc/stat: the load average lags too much).
 From the CPU seconds per peer-round it also projects the steady ratio on an idle
 machine (each hosting process bound by its one compute thread, all by the cores).
@@ -86,7 +86,7 @@ def thread_cpu(root: int) -> dict[tuple[int, int], tuple[str, float]]:
 
     kind: "parent" (any thread of ``root`` when it has worker children), "loop" (a
     hosting process's main thread: the asyncio loop, serving, pulls, decoding), "zmq"
-    (ZeroMQ's I/O threads), "compute" (the other threads: the training executor)."""
+    (ZeroMQ's I/O threads), "compute" (the other threads: the compute thread)."""
     pids = tree(root)
     has_workers = len(pids) > 2  # root + resource tracker + workers
     out = {}
@@ -255,7 +255,7 @@ def main() -> None:
     print()
     print(table(headers, [[("-" if v is None else v) for v in row] for row in rows]))
     print("cores: CPU seconds per second of the running window. loop: each hosting process's main thread (asyncio:")
-    print("pulls, serving, decoding, scoring hand-off); compute: the training executor thread(s); parent: the")
+    print("pulls, serving, decoding, scoring hand-off); compute: the compute thread(s); parent: the")
     print("command that spawned workers (progress, watching); other jobs: the rest of the machine meanwhile")
     for r in runs:
         if r["failed_peers"] or r["pulls_failed"]:

@@ -93,7 +93,7 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(5, ge=0, description="rounds between peer checkpoints, for --resume (0: never)")
     checkpoint_min_s: float = Field(1.0, ge=0, allow_inf_nan=False, description=(
         "seconds at least between a peer's periodic checkpoints, whatever checkpoint_every says "
-        "(0: every checkpoint_every rounds): fast rounds would write many a second"))
+        "(0: every checkpoint_every rounds): a peer with fast rounds would write many a second"))
 
 
 class PolicyConfig(_Strict):

@@ -344,7 +344,7 @@ class Peer:
         every = self.settings.checkpoint_every
         if every and self.state.step % every == 0:
             # A resume redoes at most max(every rounds, checkpoint_min_s) of a peer's work;
-            # with rounds of milliseconds, every 5 rounds would be dozens of files a second.
+            # a peer with rounds of milliseconds would otherwise write many files a second.
             now = time.monotonic()
             if now - self._last_checkpoint >= self.settings.checkpoint_min_s:
                 self._last_checkpoint = now
