@@ -533,6 +533,48 @@ def test_lru_pool_stays_within_pool_size_when_pulling_many_peers(actx, run_async
     run_async(body(), 30)
 
 
+def test_a_batch_that_cannot_open_a_socket_raises_and_leaves_no_pull_behind(directory_of, run_async):
+    """Opening a DEALER fails (the context's socket limit) for the third of four pulls: the
+    call raises, the two pulls already sent are dropped without a count or a timer left
+    behind, and the transport pulls normally within its limit afterwards."""
+    server_ctx = zmq.asyncio.Context()
+    ctx = zmq.asyncio.Context()
+    ctx.set(zmq.MAX_SOCKETS, 2)  # two DEALERs, no more
+
+    async def body():
+        directory = directory_of("ipc", range(5))
+        servers = await started(server_ctx, directory, range(1, 5))
+        me = Transport(ctx, 0, directory, config=TransportConfig(pool_size=4))  # pulls only
+        try:
+            for p, t in servers.items():
+                t.publish(payload({"w": torch.full((3,), float(p))}, version=p))
+            with pytest.raises(zmq.ZMQError):
+                await me.pull_many([1, 2, 3, 4], timeout=5)
+            assert me.counters.pulls_ok == me.counters.pulls_failed == 0
+            assert all(d.users == 0 and d.op is None for d in me._dealers)
+            pending = [h for h in asyncio.get_running_loop()._scheduled if not h.cancelled()]
+            assert not [h for h in pending if type(getattr(h._callback, "__self__", None)).__name__ in ("PullBatch", "_Pull")]
+            # The sockets of the dropped pulls are closed (a late reply may still come);
+            # ZeroMQ frees their slots a moment later, and two pulls fit again.
+            for _ in range(100):
+                try:
+                    results = await me.pull_many([1, 2], timeout=5)
+                    break
+                except zmq.ZMQError:
+                    await asyncio.sleep(0.02)
+            assert [r.ok for r in results] == [True, True], [r.reason for r in results]
+            assert [float(r.message.tensors["w"][0]) for r in results] == [1.0, 2.0]
+        finally:
+            await me.close()
+            await close_all(servers)
+
+    try:
+        run_async(body(), 30)
+    finally:
+        ctx.destroy(linger=0)
+        server_ctx.destroy(linger=0)
+
+
 def test_thousand_peers_in_one_process_pull_without_failure_and_bounded_sockets(run_async):
     n, pool, fanout = 1000, 2, 3
     ctx = zmq.asyncio.Context()

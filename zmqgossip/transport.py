@@ -456,8 +456,14 @@ class Transport:
         if self._loop is None:  # a transport that only pulls is never started
             self._loop = asyncio.get_running_loop()
         batch = PullBatch(len(peers), self._loop.create_future())
-        batch.ops = [self._start(peer, timeout, expect if expect is not None else self.expect, kind, batch, i)
-                     for i, peer in enumerate(peers)]
+        expect = expect if expect is not None else self.expect
+        try:
+            for i, peer in enumerate(peers):
+                batch.ops.append(self._start(peer, timeout, expect, kind, batch, i))
+        except BaseException:  # e.g. no socket could be opened: end the pulls already sent
+            for op in batch.ops:
+                op.abandon()
+            raise
         if batch.left:  # one timer ends every pull of the batch still going at the deadline
             batch.timer = self._loop.call_at(self._loop.time() + timeout, batch.expire)
         return batch
