@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from _common import environment, json_line, pct, table
 
-from zmqgossip import config, fuzz, runner, wire
+from zmqgossip import config, fuzz, hosting, wire
 from zmqgossip.transport import Transport, make_directory
 
 VICTIM = 0
@@ -81,9 +81,9 @@ def main() -> None:
     phase = args.seconds or (3.0 if args.quick else 10.0)
     torch.set_num_threads(1)
     cfg = experiment()
-    part = runner.build_partition(cfg)
+    part = hosting.build_partition(cfg)
     tmp = tempfile.TemporaryDirectory(prefix="bench-fuzz-")
-    rd = runner.prepare_run(cfg, Path(tmp.name) / "run", part)
+    rd = hosting.prepare_run(cfg, Path(tmp.name) / "run", part)
     directory = make_directory("tcp", range(cfg.peers))
     flooder = fuzz.Flooder(directory[VICTIM], seconds=phase, seed=1)
     spawn = mp.get_context("spawn")
@@ -96,7 +96,7 @@ def main() -> None:
             steps.append(time.time())
 
     async def run() -> None:
-        hosted = runner.build_peers(cfg, part, list(range(cfg.peers)), directory, rd, time.time())
+        hosted = hosting.build_peers(cfg, part, list(range(cfg.peers)), directory, rd, time.time())
         peers = hosted.peers
         victim = peers[VICTIM]
         stop = asyncio.Event()

@@ -50,7 +50,7 @@ from _common import environment, json_line, median, table  # noqa: F401  (also p
 import numpy as np
 import torch
 
-from zmqgossip import config, learning, models, runner
+from zmqgossip import config, hosting, learning, models
 from zmqgossip.metrics import RunDir
 from zmqgossip.peer import Peer
 from zmqgossip.scoring import Scorer
@@ -121,8 +121,8 @@ class PhaseClock:
 
 
 def _profiled_compute(profiles: list[cProfile.Profile]):  # type: ignore[no-untyped-def]
-    """runner.ComputeThread whose worker thread runs under cProfile."""
-    base = runner.ComputeThread
+    """hosting.build.ComputeThread whose worker thread runs under cProfile."""
+    base = hosting.build.ComputeThread
 
     def start() -> None:
         p = cProfile.Profile()
@@ -148,25 +148,25 @@ def _top(prof: cProfile.Profile | list[cProfile.Profile], n: int = 30) -> str:
 def run_runner(cfg: config.ExperimentConfig, out: Path, profile: bool) -> dict:
     prof = cProfile.Profile() if profile else None
     worker_profs: list[cProfile.Profile] = []
-    orig_compute = runner.ComputeThread
+    orig_compute = hosting.build.ComputeThread
     if profile:
-        runner.ComputeThread = _profiled_compute(worker_profs)  # type: ignore[misc]
+        hosting.build.ComputeThread = _profiled_compute(worker_profs)  # type: ignore[misc]
     try:
         with PhaseClock() as clock:
             if prof:
                 prof.enable()
-            summary = runner.run_local(cfg, out)
+            summary = hosting.run_experiment(cfg, out)
             if prof:
                 prof.disable()
     finally:
-        runner.ComputeThread = orig_compute  # type: ignore[misc]
+        hosting.build.ComputeThread = orig_compute  # type: ignore[misc]
     rd = RunDir(out)
     events = [e for p in range(cfg.peers) for e in rd.events(p)]
     results = rd.results()
     compute = sum(r["compute_s"] for r in results.values())
     wall = float(summary["wall_s"])
     phase = clock.span("wall")
-    pull_s = [e["pull_s"] for e in events]
+    pull_s = [e.pull_s for e in events]
     fig = {
         "peer_rounds": summary["peer_rounds"],
         "rounds_phase_s": phase,
@@ -198,8 +198,8 @@ class PlainLoop:
 
     def __init__(self, cfg: config.ExperimentConfig, seed: int = 0) -> None:
         self.cfg = cfg
-        part = runner.build_partition(cfg)
-        name = self.model_name = runner.model_name(cfg, part)
+        part = hosting.build_partition(cfg)
+        name = self.model_name = hosting.model_name(cfg, part)
         self.clients = part.clients
         self.models = []
         for pid in range(cfg.peers):

@@ -40,7 +40,7 @@ def compute_limit(preset: str, overrides: list[str], reps: int) -> float:
 
     from zmqgossip import config, learning
     from zmqgossip.models import build_model
-    from zmqgossip.runner import build_partition, model_name
+    from zmqgossip.hosting import build_partition, model_name
     from zmqgossip.scoring import Scorer
 
     torch.set_num_threads(1)

@@ -215,10 +215,10 @@ def run_raw(cfg: StressConfig) -> dict:
 
 
 TOPOLOGIES = [  # name, StressConfig fields (payload and duration added per run)
-    ("inproc 1 proc, 4 peers", dict(peers=4, fanout=2, mode="asyncio", transport="inproc")),
-    ("ipc 2 procs, 4 peers", dict(peers=4, fanout=2, mode="processes", processes=2, transport="ipc")),
-    ("tcp 2 procs, 4 peers", dict(peers=4, fanout=2, mode="processes", processes=2, transport="tcp")),
-    ("ipc 2 procs, 32 peers", dict(peers=32, fanout=2, neighbours=4, mode="processes", processes=2, transport="ipc")),
+    ("inproc 1 proc, 4 peers", dict(peers=4, fanout=2, mode="asyncio", network={"transport": "inproc"})),
+    ("ipc 2 procs, 4 peers", dict(peers=4, fanout=2, mode="processes", processes=2, network={"transport": "ipc"})),
+    ("tcp 2 procs, 4 peers", dict(peers=4, fanout=2, mode="processes", processes=2, network={"transport": "tcp"})),
+    ("ipc 2 procs, 32 peers", dict(peers=32, fanout=2, neighbours=4, mode="processes", processes=2, network={"transport": "ipc"})),
 ]
 
 
@@ -227,7 +227,7 @@ def bench_vs_raw(seconds: float, rounds: int, payloads_kb: list[float], quick: b
     topologies = TOPOLOGIES[:2] if quick else TOPOLOGIES
     for name, fields in topologies:
         for kb in payloads_kb:
-            cfg = StressConfig(payload_kb=kb, duration_s=seconds, timeout_s=30, **fields)
+            cfg = StressConfig(payload_kb=kb, duration_s=seconds, **{**fields, "network": {**fields.get("network", {}), "timeout_s": 30}})
             raw, st = [], []
             for _ in range(rounds):
                 raw.append(run_raw(cfg))
@@ -289,9 +289,9 @@ def bench_foundation(seconds: float, rounds: int) -> dict:
         st_on: list[float] = []
         for _ in range(rounds):
             for emulator, acc in (("auto", st), ("on", st_on)):
-                cfg = StressConfig(peers=4, fanout=2, mode="processes", processes=2, transport="ipc",
-                                   payload_kb=62006 * 4 / 1024, tensors=10, duration_s=seconds, timeout_s=30,
-                                   emulator=emulator)
+                cfg = StressConfig(peers=4, fanout=2, mode="processes", processes=2,
+                                   network={"transport": "ipc", "timeout_s": 30},
+                                   payload_kb=62006 * 4 / 1024, tensors=10, duration_s=seconds, emulator=emulator)
                 acc.append(run_stress(cfg)["pulls_per_s"])
             raws.append(raw_rate())
         client.close(0)
@@ -360,11 +360,11 @@ def bench_many(quick: bool, seconds: float) -> list[dict]:
     peers, procs = (2000, 2) if quick else (10_000, 5)
     runs = [
         (f"{peers:,} peers, fixed 2 neighbours, {seconds * 3:g} s after 1 warm-up round",
-         StressConfig(peers=peers, payload_kb=1, duration_s=seconds * 3, fanout=2, neighbours=2, pool_size=2,
-                      warmup_rounds=1, mode="processes", processes=procs, transport="ipc", timeout_s=60)),
+         StressConfig(peers=peers, payload_kb=1, duration_s=seconds * 3, fanout=2, neighbours=2, warmup_rounds=1,
+                      mode="processes", processes=procs, network={"transport": "ipc", "pool_size": 2, "timeout_s": 60})),
         (f"{peers:,} peers, uniform targets, 2 pulls each",
-         StressConfig(peers=peers, payload_kb=1, pulls=2, fanout=2, pool_size=2,
-                      mode="processes", processes=procs, transport="ipc", timeout_s=120)),
+         StressConfig(peers=peers, payload_kb=1, pulls=2, fanout=2, mode="processes", processes=procs,
+                      network={"transport": "ipc", "pool_size": 2, "timeout_s": 120})),
     ]
     rows = []
     for name, cfg in runs:
@@ -382,7 +382,7 @@ def bench_many(quick: bool, seconds: float) -> list[dict]:
 
 
 def bench_dac(quick: bool) -> dict:
-    from zmqgossip import config, runner
+    from zmqgossip import config, hosting
     from zmqgossip.metrics import RunDir
 
     peers, rounds = (200, 3) if quick else (1000, 3)
@@ -406,12 +406,12 @@ def bench_dac(quick: bool) -> dict:
 
     try:
         t0 = time.perf_counter()
-        s = runner.run_local(cfg, out, on_event=on_event)
+        s = hosting.run_experiment(cfg, out, on_event=on_event)
         wall = time.perf_counter() - t0
         results = RunDir(out).results()
         compute = sum(r["compute_s"] for r in results.values())
         events = [e for i in range(peers) for e in RunDir(out).events(i)]
-        rounds_wall = max(e["t"] for e in events) - min(e["t"] - e["dt"] for e in events)
+        rounds_wall = max(e.t for e in events) - min(e.t - e.dt for e in events)
     finally:
         shutil.rmtree(out, ignore_errors=True)
     r = {"peers": peers, "rounds": rounds, "wall_s": wall, "rounds_wall_s": rounds_wall, "peer_rounds": s["peer_rounds"],

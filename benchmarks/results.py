@@ -100,7 +100,7 @@ def _cli(overrides: list[str]) -> str:
 
 def one_run(preset: str, overrides: list[str], out: str) -> dict[str, Any]:
     """Run one experiment (in its own process) and return its summary."""
-    from zmqgossip.runner import run_local
+    from zmqgossip.hosting import run_experiment as run_local
 
     cfg = config.load(preset, overrides)
     if Path(out).exists():

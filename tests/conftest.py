@@ -20,6 +20,8 @@ import zmq.asyncio
 
 T = TypeVar("T")
 
+pytest_plugins = ["leftovers"]
+
 REAP_GRACE_S = 2.0
 
 
@@ -122,13 +124,6 @@ def reap_children(grace_s: float = REAP_GRACE_S) -> list[int]:
             if _alive(pid):
                 _signal(pid, sig)
     return sorted(mp_pids | set(others))
-
-
-@pytest.fixture(autouse=True)
-def reap_stray_children():
-    """Whatever a test leaves running (it failed before its own cleanup) is stopped here."""
-    yield
-    reap_children()
 
 
 # ------------------------------------------------------------------ asyncio / zmq

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from zmqgossip import config, runner
+from zmqgossip import config, hosting
 from zmqgossip.config import ConfigError
 
 BASE = {
@@ -71,7 +71,7 @@ def test_overrides_are_validated_like_the_file():
 def test_a_model_that_cannot_take_the_data_is_refused_before_the_run():
     cfg = config.validate(with_value("train", "model", "cnn32"))
     with pytest.raises(ValueError, match=r"CNN32 needs input \(C, 32, 32\)"):
-        runner.check_model(cfg, runner.build_partition(cfg))
+        hosting.check_model(cfg, hosting.build_partition(cfg))
 
 
 def test_defaults_and_every_preset_still_validate():

@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from zmqgossip import config, fuzz, runner, wire
+from zmqgossip import config, fuzz, hosting, wire
 from zmqgossip.transport import Transport, make_directory
 
 VICTIM = 0
@@ -74,8 +74,8 @@ def test_corpus_covers_every_category_and_its_refusals_are_deterministic():
 def test_flooded_peer_keeps_training_serving_and_counts_every_refusal(tmp_path, run_async):
     cfg = tiny_cfg()
     torch.set_num_threads(1)
-    part = runner.build_partition(cfg)
-    rd = runner.prepare_run(cfg, tmp_path / "run", part)
+    part = hosting.build_partition(cfg)
+    rd = hosting.prepare_run(cfg, tmp_path / "run", part)
     directory = make_directory("tcp", range(cfg.peers))
     flooder = fuzz.Flooder(directory[VICTIM], seconds=FLOOD_S, seed=7)
     victim_events: list[tuple[float, int]] = []
@@ -83,8 +83,8 @@ def test_flooded_peer_keeps_training_serving_and_counts_every_refusal(tmp_path, 
     report: dict = {}
 
     def on_event(e: dict) -> None:
-        if e["peer"] == VICTIM:
-            victim_events.append((time.monotonic(), e["step"]))
+        if e.peer == VICTIM:
+            victim_events.append((time.monotonic(), e.step))
 
     async def probe(victim, probe_t: Transport, until: float) -> list:
         """Pull the victim every 50 ms; check each model against what it published."""
@@ -108,7 +108,7 @@ def test_flooded_peer_keeps_training_serving_and_counts_every_refusal(tmp_path, 
         return seen
 
     async def main() -> None:
-        hosted = runner.build_peers(cfg, part, list(range(cfg.peers)), directory, rd, time.time())
+        hosted = hosting.build_peers(cfg, part, list(range(cfg.peers)), directory, rd, time.time())
         peers = hosted.peers
         victim = peers[VICTIM]
         counters = lambda: victim.transport.counters
@@ -208,6 +208,6 @@ def test_flooded_peer_keeps_training_serving_and_counts_every_refusal(tmp_path, 
     for pid in (1, 2, 3):
         fails = results[pid]["counters"]["pull_failures"]
         assert not fails, (pid, fails)
-        assert any(VICTIM in e["ok"] for e in rd.events(pid))
+        assert any(VICTIM in e.ok for e in rd.events(pid))
     # Memory bounded.
     assert report["rss1"] - report["rss0"] < RSS_BOUND_MB

@@ -2,7 +2,7 @@
 
 Two levels: :meth:`Links.plan` drawn many times for the shape of a distribution (cheap,
 exact), and real pulls through :class:`Transport` (inproc, one event loop) for what a
-peer actually sees.  The scenario tests run DAC / gossip peers with ``runner.run_local``
+peer actually sees.  The scenario tests run DAC / gossip peers with ``hosting.run_experiment``
 and read the run directory's events: every event line says when its pulls started
 (``t - dt``), how long they took (``pull_s``) and which succeeded (``ok``).
 
@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from zmqgossip import config, runner
+from zmqgossip import config, hosting
 from zmqgossip.links import Latency, LinkProfile, Links, LinkStats, NetworkEmulation
 from zmqgossip.metrics import RunDir
 from zmqgossip.transport import Transport, TransportConfig, make_directory
@@ -92,9 +92,9 @@ def pulls_of(rd: RunDir, peers: int) -> list[tuple[int, int, float, float]]:
     out = []
     for i in range(peers):
         for e in rd.events(i):
-            start = e["t"] - e["dt"]
-            for j in e["ok"]:
-                out.append((i, j, start, start + e["pull_s"]))
+            start = e.t - e.dt
+            for j in e.ok:
+                out.append((i, j, start, start + e.pull_s))
     return out
 
 
@@ -278,7 +278,7 @@ def test_dac_with_30_percent_loss_finishes_with_all_peers_done(tmp_path):
     """Requests and replies are each lost with p=0.3: about 1 - 0.7^2 = 51% of pulls fail
     (a lost message ends in the pull's timeout), and every peer still does all its rounds."""
     cfg = dac_cfg("dac", peers=10, rounds=4, links={"default": {"loss": 0.3}}, network={"timeout_s": 0.3})
-    s = runner.run_local(cfg, tmp_path)
+    s = hosting.run_experiment(cfg, tmp_path)
     rd = RunDir(tmp_path)
     assert s["failed_peers"] == [] and s["peer_rounds"] == 10 * 4
     assert all(r["status"] == "done" and r["steps"] == 4 for r in rd.results().values())
@@ -299,7 +299,7 @@ def test_dac_label_shift_with_lognormal_latency_loss_and_slow_peers_still_cluste
         "links.default.loss=0.2",
         "links.default.latency={dist = 'lognormal', mean_ms = 20, std_ms = 10}",
     ])
-    s = runner.run_local(cfg, tmp_path)
+    s = hosting.run_experiment(cfg, tmp_path)
     w = s["within_cluster_pull_fraction"]
     print(f"within all {w['all']:.3f}, last 20% {w['last_20pct']:.3f}, pulls ok {s['pulls_ok']} "
           f"failed {s['pulls_failed']}, test acc {s['test_acc']['mean']:.3f}, wall {s['wall_s']:.1f}s")
@@ -320,7 +320,7 @@ def test_partition_stops_cross_group_pulls_until_healed(tmp_path):
         {"at_s": cut, "action": "partition", "groups": groups},
         {"at_s": heal, "action": "heal"},
     ]})
-    s = runner.run_local(cfg, tmp_path)
+    s = hosting.run_experiment(cfg, tmp_path)
     rd = RunDir(tmp_path)
     side = {p: g for g, members in enumerate(groups) for p in members}
     windows = {"before": (0.0, cut), "partitioned": (cut + 0.05, heal), "healed": (heal + 0.05, 99.0)}
@@ -344,7 +344,7 @@ def test_killed_peers_stop_answering_and_the_rest_finish(tmp_path):
     victims = [2, 7]
     cfg = dac_cfg("random", peers=10, rounds=1000, seconds=4.0, network={"timeout_s": 0.3},
                   links={"scenario": [{"at_s": kill_at, "action": "kill", "peers": victims}]})
-    s = runner.run_local(cfg, tmp_path)
+    s = hosting.run_experiment(cfg, tmp_path)
     rd = RunDir(tmp_path)
     # The kill takes effect when the event loop gets to it, late on a busy machine: the
     # summary's scenario log says when.  No pull that starts after it may reach a victim
@@ -356,7 +356,7 @@ def test_killed_peers_stop_answering_and_the_rest_finish(tmp_path):
     late_ok = [(i, j, start) for i, j, start, _ in pulls if j in victims and start > killed_at]
     early_ok = [(i, j) for i, j, _, end in pulls if j in victims and end < kill_at]
     failed_at_victims = [why for i in range(10) if i not in victims for e in rd.events(i)
-                         if e["t"] > killed_at + 0.5 for j, why in e["failed"].items() if int(j) in victims]
+                         if e.t > killed_at + 0.5 for j, why in e.failed.items() if int(j) in victims]
     print(f"pulls of the victims before the kill {len(early_ok)}, after {len(late_ok)}; "
           f"failed pulls of them later: {len(failed_at_victims)}")
     assert early_ok and not late_ok
@@ -376,7 +376,7 @@ def test_a_late_joiner_catches_up(tmp_path):
     join_at, rounds, joiner = 2.0, 8, 9
     cfg = dac_cfg("dac", peers=10, rounds=rounds, links={"scenario": [
         {"at_s": join_at, "action": "join", "peers": [joiner]}]}, data={"n_train": 40}, train={"epochs": 2})
-    s = runner.run_local(cfg, tmp_path)
+    s = hosting.run_experiment(cfg, tmp_path)
     rd = RunDir(tmp_path)
     results = rd.results()
     assert s["failed_peers"] == [] and s["peer_rounds"] == 10 * rounds
@@ -394,8 +394,8 @@ def test_a_late_joiner_catches_up(tmp_path):
 def test_sequential_with_links_is_reproducible(tmp_path):
     links = {"default": {"latency": {"dist": "lognormal", "mean_ms": 5, "std_ms": 3}, "loss": 0.1, "duplicate": 0.1}}
     cfg = dac_cfg("dac", peers=6, rounds=3, schedule="sequential", links=links, seed=3)
-    a = runner.run_local(cfg, tmp_path / "a")
-    b = runner.run_local(cfg, tmp_path / "b")
+    a = hosting.run_experiment(cfg, tmp_path / "a")
+    b = hosting.run_experiment(cfg, tmp_path / "b")
     assert a["pulls_failed"] > 0  # the links did something
     for key in ("test_acc", "final_test_acc", "within_cluster_pull_fraction", "peer_rounds", "pulls_ok",
                 "pulls_failed", "bytes_sent"):
@@ -403,8 +403,8 @@ def test_sequential_with_links_is_reproducible(tmp_path):
     assert (tmp_path / "a" / "pulls.json").read_text() == (tmp_path / "b" / "pulls.json").read_text()
     for pid in range(6):
         ea, eb = RunDir(tmp_path / "a").events(pid), RunDir(tmp_path / "b").events(pid)
-        assert [(e["chosen"], e["ok"], e["failed"], e["loss"], e["val_loss"]) for e in ea] == \
-               [(e["chosen"], e["ok"], e["failed"], e["loss"], e["val_loss"]) for e in eb]
+        assert [(e.chosen, e.ok, e.failed, e.loss, e.val_loss) for e in ea] == \
+               [(e.chosen, e.ok, e.failed, e.loss, e.val_loss) for e in eb]
     la = json.loads((tmp_path / "a" / "links-0.json").read_text())
     lb = json.loads((tmp_path / "b" / "links-0.json").read_text())
     assert la == lb and la["dropped"] > 0

@@ -24,8 +24,8 @@ import torch
 import zmq
 
 from _helpers import default_sigint
-from zmqgossip import config, metrics, runner
-from zmqgossip.metrics import RunDir, summarize
+from zmqgossip import config, hosting, metrics
+from zmqgossip.metrics import Event, RunDir, summarize
 from zmqgossip.transport import make_directory
 
 #: The keys every event line carries (``Peer.step``; more may be added).
@@ -50,7 +50,7 @@ def make_cfg(method: str, *, shift: str = "label", peers: int = 20, rounds: int 
 
 
 def run(cfg: config.ExperimentConfig, out: Path) -> dict:
-    return runner.run_local(cfg, out)
+    return hosting.run_experiment(cfg, out)
 
 
 def line(name: str, s: dict) -> str:
@@ -148,8 +148,8 @@ def test_sequential_same_seed_same_numbers(tmp_path):
     assert pa == pb
     for pid in range(10):
         ea, eb = RunDir(tmp_path / "a").events(pid), RunDir(tmp_path / "b").events(pid)
-        assert [(e["chosen"], e["loss"], e["mix"], e["val_loss"]) for e in ea] == \
-               [(e["chosen"], e["loss"], e["mix"], e["val_loss"]) for e in eb]
+        assert [(e.chosen, e.loss, e.mix, e.val_loss) for e in ea] == \
+               [(e.chosen, e.loss, e.mix, e.val_loss) for e in eb]
     c = run(make_cfg("dac", peers=10, rounds=5, seed=4), tmp_path / "c")
     assert c["test_acc"] != a["test_acc"]  # the seed matters
 
@@ -174,7 +174,7 @@ def test_async_slow_peer_finishes_and_its_models_are_stale(tmp_path):
     lag_slow, lag_fast, age_slow, age_fast = [], [], [], []
     for pid in range(1, peers):
         for e in rd.events(pid):
-            for j, lag, age in zip(e["ok"], e["lag"], e["age_s"]):
+            for j, lag, age in zip(e.ok, e.lag, e.age_s):
                 (lag_slow if j == 0 else lag_fast).append(lag)
                 (age_slow if j == 0 else age_fast).append(age)
     print(f"lag of pulls from the slow peer: mean {np.mean(lag_slow):.2f} ({len(lag_slow)} pulls); "
@@ -191,7 +191,7 @@ def _max_in_flight(rd: RunDir, peers: int) -> int:
     marks = []
     for pid in range(peers):
         for e in rd.events(pid):
-            marks += [(e["t"] - e["dt"], 1), (e["t"], -1)]
+            marks += [(e.t - e.dt, 1), (e.t, -1)]
     depth = most = 0
     for _, d in sorted(marks, key=lambda m: (m[0], m[1])):  # an end before a start at the same time
         depth += d
@@ -246,13 +246,13 @@ def test_neighbour_dies_midrun_others_finish(tmp_path, run_async):
     times out after 0.5 s) and they still finish every round."""
     cfg = _tiny_async_cfg(rounds=6, network={"timeout_s": 0.5}, policy={"tau": 0.5})
     torch.set_num_threads(cfg.compute.threads)
-    part = runner.build_partition(cfg)
-    rd = runner.prepare_run(cfg, tmp_path, part)
+    part = hosting.build_partition(cfg)
+    rd = hosting.prepare_run(cfg, tmp_path, part)
     directory = make_directory("inproc", range(cfg.peers))
     victim = 0
 
     async def main() -> None:
-        hosted = runner.build_peers(cfg, part, list(range(cfg.peers)), directory, rd, time.time())
+        hosted = hosting.build_peers(cfg, part, list(range(cfg.peers)), directory, rd, time.time())
         peers = hosted.peers
         try:
             for p in peers.values():
@@ -281,7 +281,7 @@ def test_neighbour_dies_midrun_others_finish(tmp_path, run_async):
     assert unreachable > 0
     assert s["pulls_failed"] >= unreachable and s["failed_peers"] == [victim]
     # Failed pulls show in the events: every pull of the dead peer after its death failed.
-    failed = [(j, why) for pid in results for e in rd.events(pid) for j, why in e["failed"].items()]
+    failed = [(j, why) for pid in results for e in rd.events(pid) for j, why in e.failed.items()]
     at_victim = [why for j, why in failed if j == str(victim)]
     assert at_victim and set(at_victim) <= {"timeout", "unreachable"}
     # Live peers answer (a stray timeout on a very busy machine is tolerated, not a pattern).
@@ -309,14 +309,14 @@ def _bindable(endpoints) -> bool:
 
 def test_cancel_host_peers_writes_partial_results_and_closes_sockets(tmp_path, run_async):
     cfg = _tiny_async_cfg(rounds=200, network={"transport": "tcp"})
-    part = runner.build_partition(cfg)
-    rd = runner.prepare_run(cfg, tmp_path, part)
+    part = hosting.build_partition(cfg)
+    rd = hosting.prepare_run(cfg, tmp_path, part)
     directory = make_directory("tcp", range(cfg.peers))
-    seen: list[dict] = []
+    seen: list[Event] = []
 
     async def main() -> None:
         task = asyncio.create_task(
-            runner.host_peers(cfg, list(range(cfg.peers)), directory, rd, t0=time.time(), part=part, on_event=seen.append)
+            hosting.host_peers(cfg, list(range(cfg.peers)), directory, rd, t0=time.time(), part=part, on_event=seen.append)
         )
         while len(seen) < 3 * cfg.peers and not task.done():
             await asyncio.sleep(0.01)
@@ -344,9 +344,9 @@ def test_sigint_run_local_leaves_a_summarised_partial_run(tmp_path):
     directory holds interrupted peers and a summary."""
     cfg = _tiny_async_cfg(rounds=500)
     code = (
-        "import sys, json; from zmqgossip import config, runner\n"
+        "import sys, json; from zmqgossip import config, hosting\n"
         "cfg = config.validate(json.loads(sys.argv[1]))\n"
-        "try:\n    runner.run_local(cfg, sys.argv[2])\n"
+        "try:\n    hosting.run_experiment(cfg, sys.argv[2])\n"
         "except KeyboardInterrupt:\n    print('INTERRUPTED', flush=True); sys.exit(3)\n"
     )
     out = tmp_path / "run"
@@ -468,14 +468,14 @@ def test_a_round_leaves_no_reference_cycles_so_received_models_are_freed_at_once
 
     seen: dict[str, Any] = {}
 
-    def hook(e: dict) -> None:
-        if e["peer"] != 0:
+    def hook(e: Event) -> None:
+        if e.peer != 0:
             return
-        if e["step"] == 2:
+        if e.step == 2:
             gc.collect()
             gc.set_debug(gc.DEBUG_SAVEALL)  # what the collector would free is kept for a look
-            seen["from"] = e["step"]
-        elif e["step"] == 8 and "from" in seen:
+            seen["from"] = e.step
+        elif e.step == 8 and "from" in seen:
             gc.collect()
             seen["garbage"] = [type(o).__name__ for o in gc.garbage]
             gc.set_debug(0)
@@ -483,7 +483,7 @@ def test_a_round_leaves_no_reference_cycles_so_received_models_are_freed_at_once
 
     cfg = make_cfg("dac", peers=6, rounds=10, n_train=20, schedule="async")
     try:
-        runner.run_local(cfg, tmp_path / "run", on_event=hook)
+        hosting.run_experiment(cfg, tmp_path / "run", on_event=hook)
     finally:
         gc.set_debug(0)
         gc.garbage.clear()

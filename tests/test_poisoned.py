@@ -1,6 +1,6 @@
 """Poisoned models: a malicious peer among honest ones, over real tcp sockets.
 
-Six honest peers run DAC (``runner.host_peers``); peer 6 is a hand-rolled server bound at
+Six honest peers run DAC (``hosting.host_peers``); peer 6 is a hand-rolled server bound at
 its endpoint in the directory that answers pings as a ready peer and every pull with a
 poisoned model: NaN, +-Inf, a transposed shape, a missing or an extra tensor, the wrong
 dtype, a value above ``network.max_abs``, or a valid model whose head claims to come from
@@ -22,7 +22,7 @@ import torch
 import zmq
 import zmq.asyncio
 
-from zmqgossip import config, models, runner, wire
+from zmqgossip import config, hosting, models, wire
 from zmqgossip.checkpoint import load_checkpoint
 from zmqgossip.metrics import summarize
 from zmqgossip.transport import make_directory
@@ -95,8 +95,8 @@ async def malicious_server(ctx: zmq.asyncio.Context, endpoint: str, reply, serve
 def run_honest(cfg: config.ExperimentConfig, out: Path, reply=None) -> tuple[dict, Counter]:
     """Run the honest peers with peer 6 malicious (``reply``) or dead (None)."""
     torch.set_num_threads(1)
-    part = runner.build_partition(cfg)
-    rd = runner.prepare_run(cfg, out, part)
+    part = hosting.build_partition(cfg)
+    rd = hosting.prepare_run(cfg, out, part)
     directory = make_directory("tcp", range(cfg.peers))
     served: Counter = Counter()
 
@@ -106,7 +106,7 @@ def run_honest(cfg: config.ExperimentConfig, out: Path, reply=None) -> tuple[dic
         if reply is not None:
             evil = asyncio.create_task(malicious_server(ctx, directory[EVIL], reply, served))
         try:
-            await runner.host_peers(cfg, HONEST, directory, rd, t0=time.time(), part=part, ready_timeout_s=1.0)
+            await hosting.host_peers(cfg, HONEST, directory, rd, t0=time.time(), part=part, ready_timeout_s=1.0)
         finally:
             if evil is not None:
                 evil.cancel()
@@ -118,7 +118,7 @@ def run_honest(cfg: config.ExperimentConfig, out: Path, reply=None) -> tuple[dic
 
 
 def honest_state(cfg: config.ExperimentConfig) -> dict[str, torch.Tensor]:
-    part = runner.build_partition(cfg)
+    part = hosting.build_partition(cfg)
     torch.manual_seed(0)
     return models.build_model("mlp", part.input_shape, part.num_classes).state_dict()
 
@@ -165,13 +165,13 @@ def test_poisoned_models_are_refused_never_averaged_never_scored(tmp_path):
     # Never averaged: peer 6 is in no event's pulled list, mix or loss.
     events = [e for pid in HONEST for e in rd.events(pid)]
     assert len(events) == len(HONEST) * cfg.rounds
-    chose_evil = [e for e in events if EVIL in e["chosen"]]
+    chose_evil = [e for e in events if EVIL in e.chosen]
     assert len(chose_evil) == sum(served.values())
     for e in events:
-        assert EVIL not in e["ok"]
-        assert len(e["mix"]) == len(e["ok"]) + 1 and len(e["loss"]) == len(e["ok"])
-        if EVIL in e["chosen"]:
-            assert e["failed"][str(EVIL)] in set(POISONS.values())
+        assert EVIL not in e.ok
+        assert len(e.mix) == len(e.ok) + 1 and len(e.loss) == len(e.ok)
+        if EVIL in e.chosen:
+            assert e.failed[str(EVIL)] in set(POISONS.values())
     # Never scored: DAC's score, pull count (and so its published score row) for peer 6 stay 0.
     for pid in HONEST:
         _, meta = load_checkpoint(rd.checkpoint_path(pid))
@@ -205,17 +205,17 @@ def test_a_huge_n_samples_claim_cannot_dominate_the_mix(tmp_path):
     for name, ratio in (("capped", 1.0), ("uncapped", 1e6)):
         summary, served = run_honest(make_cfg("random", max_sample_ratio=ratio), tmp_path / name, reply)
         rd = RunDir(tmp_path / name)
-        with_liar = [e for pid in HONEST for e in rd.events(pid) if EVIL in e["ok"]]
+        with_liar = [e for pid in HONEST for e in rd.events(pid) if EVIL in e.ok]
         assert len(with_liar) >= 5 and served["liar"] == len(with_liar)
         assert all(r["status"] == "done" for r in rd.results().values())
-        shares = [e["mix"][1 + e["ok"].index(EVIL)] for e in with_liar]
+        shares = [e.mix[1 + e.ok.index(EVIL)] for e in with_liar]
         out[name] = (summary["final_test_acc"]["mean"], shares, with_liar)
     acc_c, shares_c, events_c = out["capped"]
     acc_u, shares_u, _ = out["uncapped"]
     print(f"\nliar's share of the mix: capped max {max(shares_c):.3f}, uncapped min {min(shares_u):.6f}; "
           f"final test acc capped {acc_c:.3f} vs uncapped {acc_u:.3f}")
     for e, share in zip(events_c, shares_c):
-        assert share <= 1.0 / len(e["mix"]) + 1e-9, e["mix"]  # no more than an equal share
-        assert abs(e["mix"][0] - share) < 1e-9  # the puller's own model weighs as much
+        assert share <= 1.0 / len(e.mix) + 1e-9, e.mix  # no more than an equal share
+        assert abs(e.mix[0] - share) < 1e-9  # the puller's own model weighs as much
     assert min(shares_u) > 0.99  # what the claim would buy without the cap
     assert acc_c > acc_u + 0.1, (acc_c, acc_u)

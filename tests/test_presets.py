@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from _helpers import write_cifar, write_idx_set
-from zmqgossip import config, runner
+from zmqgossip import config, hosting
 from zmqgossip.data import DataError
 
 PAPER = ["paper-label-cifar10", "paper-covariate-cifar10", "paper-label-fashion-mnist", "paper-covariate-fashion-mnist"]
@@ -24,7 +24,7 @@ def test_paper_preset_runs_on_files_in_the_real_format(tmp_path, preset):
         write_idx_set(data, n_train=200, n_test=40, gz=True)
     cfg = config.load(preset, [*TINY, f"data.root={data}"])
     assert cfg.data.dataset in ("cifar10", "fashion-mnist") and cfg.train.model in ("cnn32", "cnn28")
-    s = runner.run_local(cfg, tmp_path / "run")
+    s = hosting.run_experiment(cfg, tmp_path / "run")
     assert s["failed_peers"] == [] and s["peer_rounds"] == 20
     assert s["pulls_ok"] == 20 * 3 and s["test_acc"]["mean"] is not None
     assert len(s["clusters"]) == (2 if "label" in preset else 4)
@@ -33,4 +33,4 @@ def test_paper_preset_runs_on_files_in_the_real_format(tmp_path, preset):
 def test_paper_preset_without_its_folder_says_where_to_put_the_files(tmp_path):
     cfg = config.load("paper-covariate-cifar10", [*TINY, f"data.root={tmp_path / 'nowhere'}"])
     with pytest.raises(DataError, match="nowhere"):
-        runner.run_local(cfg, tmp_path / "run")
+        hosting.run_experiment(cfg, tmp_path / "run")

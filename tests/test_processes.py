@@ -26,7 +26,7 @@ import zmq
 from _helpers import default_sigint, tiny_experiment, to_toml, toml_value, with_overrides, zmqgossip_cmd  # noqa: F401
 
 from zmqgossip.metrics import RunDir
-from zmqgossip.runner import _wait_remote
+from zmqgossip.hosting.liveness import GiveUp, wait_for
 from zmqgossip.transport import Transport, free_tcp_ports, ipc_dir, make_directory
 
 RUN_TIMEOUT_S = 150  # a hung run fails the test instead of the suite
@@ -301,7 +301,7 @@ def test_a_killed_worker_is_reported_and_the_others_finish(tmp_path):
     assert not dead_peers & set(results)  # killed before it could write anything
     # Pulls of the dead peers after the kill failed: by timeout when the request left before
     # the socket saw the peer go, else as unreachable (at once, once a socket knows it).
-    reasons = [why for p in survivors for e in rd.events(p) for j, why in e["failed"].items() if int(j) in dead_peers]
+    reasons = [why for p in survivors for e in rd.events(p) for j, why in e.failed.items() if int(j) in dead_peers]
     print(f"failed pulls of the dead peers: {len(reasons)} ({sorted(set(reasons))}); "
           f"survivors' updates {sum(len(rd.events(p)) for p in survivors)}")
     assert reasons and set(reasons) <= {"timeout", "unreachable"}
@@ -311,7 +311,7 @@ def test_a_killed_worker_is_reported_and_the_others_finish(tmp_path):
 
 def test_waiting_for_remote_peers_gives_up_on_a_cut_connection_but_not_on_a_silent_peer(actx, run_async):
     """A worker that is done waits for the others' peers (it keeps serving them). One whose
-    connection was cut (its worker died) is given up after ``gone_when_unreachable``, not
+    connection was cut (its worker died) is given up after the rule's ``cut_s``, not
     after ``gone_after`` (3 pull timeouts in a run); one that is connected but silent (too
     busy to answer) is still waited for. Real ipc sockets in this process."""
 
@@ -327,11 +327,10 @@ def test_waiting_for_remote_peers_gives_up_on_a_cut_connection_but_not_on_a_sile
             await dying.start()
             assert await me.ping(1, timeout=5) is not None  # connected, then its process dies:
             await dying.close()
-            far = time.time() + 3600
-            gone = await asyncio.wait_for(_wait_remote(me, [1], "done", far, gone_after=3600, gone_when_unreachable=0.5), 30)
+            gone = await asyncio.wait_for(wait_for(me, [1], "done", GiveUp(silent_s=3600, cut_s=0.5)), 30)
             assert gone == [1]
             with pytest.raises(asyncio.TimeoutError):  # silence is not a cut connection
-                await asyncio.wait_for(_wait_remote(me, [2], "done", far, gone_after=3600, gone_when_unreachable=0.5), 3)
+                await asyncio.wait_for(wait_for(me, [2], "done", GiveUp(silent_s=3600, cut_s=0.5)), 3)
         finally:
             await me.close()
             silent.close(0)
@@ -343,7 +342,7 @@ def test_waiting_for_remote_peers_gives_up_on_a_cut_connection_but_not_on_a_sile
 def test_waiting_for_start_up_gives_up_on_a_peer_that_answered_then_died_but_not_on_one_not_up_yet(actx, run_async):
     """At start-up a worker waits for the others' peers to be ready. One that answered (up,
     still warming up) and then lost every connection (its worker was killed) is given up
-    after ``gone_when_unreachable``; one nobody has reached yet (its worker still starting,
+    after the rule's ``cut_s``; one nobody has reached yet (its worker still starting,
     nothing bound) is still waited for. Real ipc sockets in this process."""
 
     async def body():
@@ -354,16 +353,13 @@ def test_waiting_for_start_up_gives_up_on_a_peer_that_answered_then_died_but_not
             await me.start()
             await dying.start()
             dying.status.update(ready=False)  # up, warming up
-            far = time.time() + 3600
-            waiting = asyncio.ensure_future(_wait_remote(me, [1], "ready", far, gone_after=3600, gone_when_unreachable=0.5,
-                                                         cut_only_after_answer=True))
+            waiting = asyncio.ensure_future(wait_for(me, [1], "ready", GiveUp(silent_s=3600, cut_s=0.5, cut_needs_answer=True)))
             await asyncio.sleep(0.5)  # it has answered "not ready" by now
             assert not waiting.done()
             await dying.close()
             assert await asyncio.wait_for(waiting, 30) == [1]
             with pytest.raises(asyncio.TimeoutError):  # peer 2: nothing bound yet, never answered
-                await asyncio.wait_for(_wait_remote(me, [2], "ready", far, gone_after=3600, gone_when_unreachable=0.5,
-                                                    cut_only_after_answer=True), 3)
+                await asyncio.wait_for(wait_for(me, [2], "ready", GiveUp(silent_s=3600, cut_s=0.5, cut_needs_answer=True)), 3)
         finally:
             await me.close()
             shutil.rmtree(base, ignore_errors=True)

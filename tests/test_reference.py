@@ -15,7 +15,7 @@ import math
 import numpy as np
 import pytest
 
-from zmqgossip import config, runner
+from zmqgossip import config, hosting
 
 FLOOR = 1e-6  # documented loss floor (numerical safety the reference lacks)
 
@@ -78,7 +78,7 @@ def test_sequential_dac_matches_the_reference_rules_step_by_step(tmp_path, metho
         "train": {"epochs": 1, "lr": 3e-3, "test_every": 0, "checkpoint_every": 0},
         "policy": {"n": 3, "tau": 30},
     })
-    runner.run_local(cfg, tmp_path / "run")
+    hosting.run_experiment(cfg, tmp_path / "run")
     events = []
     for f in (tmp_path / "run" / "events").glob("peer-*.jsonl"):
         events += [json.loads(line) for line in f.read_text().splitlines()]

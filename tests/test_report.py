@@ -14,7 +14,7 @@ from matplotlib.image import imread
 from rich.console import Console
 from typer.testing import CliRunner
 
-from zmqgossip import config, report, runner
+from zmqgossip import config, hosting, report
 from zmqgossip.cli import app
 from zmqgossip.metrics import RunDir
 
@@ -42,7 +42,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     t = time.perf_counter()
     for key, method, seed in [("dac", "dac-var", 0), ("dac1", "dac-var", 1), ("dac2", "dac-var", 2), ("random", "random", 0)]:
         out[key] = root / key
-        runner.run_local(tiny(method, seed), out[key])
+        hosting.run_experiment(tiny(method, seed), out[key])
     print(f"fixture runs: {time.perf_counter() - t:.1f} s")
     return out
 
@@ -118,8 +118,8 @@ def test_load_events(runs):
     ev = report.load_events(runs["dac"])
     assert sorted(ev) == list(range(12))
     for pid, evs in ev.items():
-        assert [e["step"] for e in evs] == list(range(6))
-        assert all(e["peer"] == pid for e in evs)
+        assert [e.step for e in evs] == list(range(6))
+        assert all(e.peer == pid for e in evs)
 
 
 def test_plot_compare(runs, tmp_path):

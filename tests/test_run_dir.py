@@ -28,7 +28,7 @@ def test_an_appended_event_is_on_disk_at_once_one_json_line_each(tmp_path):
     assert path.read_text() == '{"step":0,"loss":[0.5,1.0],"n":7}\n'
     rd.append_event(3, {"step": 1})
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 1]
-    assert [e["step"] for e in rd.events(3)] == [0, 1]
+    assert [e.step for e in rd.events(3)] == [0, 1]
     rd.close()
 
 
@@ -41,9 +41,9 @@ def test_event_files_kept_open_are_bounded_and_closed_with_the_run_dir(tmp_path)
             mine = {p for p in _open_fds() if p.startswith(str(rd.events_dir))}
             assert len(mine) <= 4
     for peer in range(10):
-        assert [e["step"] for e in rd.events(peer)] == [0, 1, 2]
+        assert [e.step for e in rd.events(peer)] == [0, 1, 2]
     rd.close()
     assert not {p for p in _open_fds() if p.startswith(str(rd.events_dir))}
     rd.append_event(0, {"peer": 0, "step": 3})  # a closed run dir opens the file again
-    assert [e["step"] for e in rd.events(0)] == [0, 1, 2, 3]
+    assert [e.step for e in rd.events(0)] == [0, 1, 2, 3]
     rd.close()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from zmqgossip import config, runner
+from zmqgossip import config, hosting
 from zmqgossip.metrics import RunDir
 from zmqgossip.stress import fd_count
 from zmqgossip.transport import socket_budget
@@ -30,13 +30,13 @@ def test_two_hundred_dac_peers_finish_within_a_minute_with_bounded_sockets(tmp_p
     fds_before = fd_count()
     peak = {"fds": 0, "events": 0}
 
-    def on_event(_: dict) -> None:
+    def on_event(_: object) -> None:
         peak["events"] += 1
         if peak["events"] % 20 == 0:
             peak["fds"] = max(peak["fds"], fd_count())
 
     t0 = time.perf_counter()
-    s = runner.run_local(cfg, tmp_path, on_event=on_event)
+    s = hosting.run_experiment(cfg, tmp_path, on_event=on_event)
     wall = time.perf_counter() - t0
     budget = socket_budget(PEERS, POOL, "inproc")
     used = peak["fds"] - fds_before

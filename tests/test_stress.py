@@ -123,7 +123,7 @@ def test_sweep_writes_csv_and_png(tmp_path):
 
 def test_a_thousand_stress_peers_in_one_process():
     t0 = time.perf_counter()
-    r = run_stress(StressConfig(peers=1000, payload_kb=1, pulls=4, fanout=2, pool_size=4))
+    r = run_stress(StressConfig(peers=1000, payload_kb=1, pulls=4, fanout=2, network={"pool_size": 4}))
     took = time.perf_counter() - t0
     print(f"1,000 peers x 4 pulls: {took:.1f} s, {r['pulls_per_s']:.0f} pulls/s, p99 {r['latency_ms']['p99']:.0f} ms, "
           f"sockets {r['sockets_peak']}, fds {r['fds_used']}, RSS {r['rss_mb_max']:.0f} MB")

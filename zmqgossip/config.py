@@ -113,6 +113,8 @@ SMALL_POOL = 8  # sockets per peer in larger networks (bounded whatever their si
 
 
 class NetworkConfig(_Strict):
+    """The network settings of every run, learning or stress: their one definition."""
+
     transport: Literal["inproc", "ipc", "tcp"] = Field("inproc", description="inproc needs one process")
     timeout_s: float = Field(10.0, gt=0, le=3600, description="per-pull timeout")
     pool_size: int | None = Field(None, ge=1, le=4096, description=(
@@ -120,6 +122,22 @@ class NetworkConfig(_Strict):
         f"socket churn), else {SMALL_POOL}"))
     hwm: int = Field(16, ge=1, le=100_000, description="messages queued per socket (and per connection of an inbox)")
     max_abs: float | None = Field(1e4, gt=0, description="refuse pulled models with a |value| above this (none: no bound)")
+
+    def resolve(self, peers: int, processes: int) -> None:
+        """Fill in what depends on the run: the pool size (small networks: one socket per
+        other peer, so none is ever closed and reopened, a churn that cost ~20% of the
+        event loop of 20 DAC peers; large ones: a bounded number per peer) and ipc for
+        peers spread over processes."""
+        if self.pool_size is None:
+            self.pool_size = peers - 1 if peers <= FULL_POOL_UP_TO else SMALL_POOL
+        if processes > 1 and self.transport == "inproc":
+            self.transport = "ipc"
+
+
+#: Defaults every layer below the config takes from here (a transport built without a
+#: config, a peer's pull timeout).
+DEFAULT_TIMEOUT_S: float = NetworkConfig.model_fields["timeout_s"].default
+DEFAULT_HWM: int = NetworkConfig.model_fields["hwm"].default
 
 
 class ComputeConfig(_Strict):
@@ -163,12 +181,7 @@ class ExperimentConfig(_Strict):
                 raise ValueError(f"links.classes: peers outside 0..{self.peers - 1}")
         if self.schedule == "sequential" and self.compute.processes > 1:
             raise ValueError("schedule 'sequential' runs in one process: set compute.processes = 1")
-        if self.network.pool_size is None:
-            # Small networks: no socket is ever closed and reopened (that churn cost ~20% of
-            # the event loop of 20 DAC peers); large ones: a bounded number per peer.
-            self.network.pool_size = self.peers - 1 if self.peers <= FULL_POOL_UP_TO else SMALL_POOL
-        if self.compute.processes > 1 and self.network.transport == "inproc":
-            self.network.transport = "ipc"
+        self.network.resolve(self.peers, self.compute.processes)
         if self.compute.processes > self.peers:
             raise ValueError(f"compute.processes ({self.compute.processes}) exceeds peers ({self.peers})")
         bad = [p for p in self.compute.slow_peers if not 0 <= p < self.peers]

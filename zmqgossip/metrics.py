@@ -23,8 +23,8 @@ import os
 import platform
 import subprocess
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -103,11 +103,82 @@ def environment() -> dict[str, Any]:
     }
 
 
+@dataclass(slots=True)
+class Event:
+    """One update of one peer, as its event line records it.
+
+    ``chosen``: the peers it asked; ``ok``: those whose model it used; ``failed``: peer
+    id (as text) -> reason; ``loss``: the pulled models' losses on its training data
+    (None for methods that do not score); ``mix``: aggregation weights, its own first;
+    ``age_s`` / ``lag``: how old each used model was (seconds / steps behind the puller).
+    """
+
+    peer: int
+    step: int
+    t: float = 0.0
+    dt: float = 0.0
+    pull_s: float = 0.0
+    chosen: list[int] = field(default_factory=list)
+    ok: list[int] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    loss: list[float | None] | None = None
+    mix: list[float] = field(default_factory=list)
+    age_s: list[float | None] = field(default_factory=list)
+    lag: list[int] = field(default_factory=list)
+    bytes: int = 0
+    train_loss: float | None = None
+    val_loss: float | None = None
+    val_acc: float | None = None
+    test_acc: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in EVENT_FIELDS}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], peer: int | None = None) -> "Event":
+        """An event line read back (fields it lacks take their defaults; unknown keys are
+        ignored, so newer lines still read)."""
+        known = {k: d[k] for k in EVENT_FIELDS if k in d}
+        known.setdefault("peer", -1 if peer is None else peer)
+        known.setdefault("step", -1)
+        return cls(**known)
+
+
+EVENT_FIELDS = tuple(f.name for f in fields(Event))
+
+
+class EventTail:
+    """Reads the new complete lines of some peers' event files (progress of workers)."""
+
+    def __init__(self, run: "RunDir", peers: Sequence[int]) -> None:
+        self.run = run
+        self.offsets = {p: 0 for p in peers}
+
+    def poll(self, on_event: Callable[[Event], None]) -> None:
+        for p, off in self.offsets.items():
+            try:
+                with open(self.run.events_path(p), "rb") as f:
+                    f.seek(off)
+                    data = f.read()
+            except FileNotFoundError:
+                continue
+            end = data.rfind(b"\n") + 1
+            if not end:
+                continue
+            self.offsets[p] = off + end
+            for line in data[:end].splitlines():
+                try:
+                    on_event(Event.from_dict(json.loads(line), p))
+                except (ValueError, TypeError):
+                    continue
+
+
 @dataclass
 class RunDir:
     """Paths of one run directory; creating it makes the folders."""
 
     root: Path
+    create: bool = True  # make the folders (a writer); False reads a run as it is
     #: open event files (peer -> descriptor), least recently written first
     _open: OrderedDict[int, int] = field(default_factory=OrderedDict, init=False, repr=False, compare=False)
     _paths: dict[int, str] = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -116,8 +187,14 @@ class RunDir:
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
-        self.events_dir.mkdir(parents=True, exist_ok=True)
-        self.peers_dir.mkdir(parents=True, exist_ok=True)
+        if self.create:
+            self.events_dir.mkdir(parents=True, exist_ok=True)
+            self.peers_dir.mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def reader(cls, root: str | Path) -> "RunDir":
+        """A run directory to read (report, compare): nothing is created in it."""
+        return cls(Path(root), create=False)
 
     def __del__(self) -> None:
         self.close()
@@ -147,8 +224,8 @@ class RunDir:
     def result_path(self, peer: int) -> Path:
         return self.peers_dir / f"peer-{peer}.json"
 
-    def append_event(self, peer: int, event: Mapping[str, Any]) -> None:
-        line = (dumps(event) + "\n").encode()
+    def append_event(self, peer: int, event: Event | Mapping[str, Any]) -> None:
+        line = (dumps(event.as_dict() if isinstance(event, Event) else event) + "\n").encode()
         fd = self._open.get(peer)
         if fd is None:
             path = self._paths.get(peer)
@@ -162,26 +239,50 @@ class RunDir:
             self._open.move_to_end(peer)
         os.write(fd, line)
 
-    def events(self, peer: int) -> list[dict]:
+    def events(self, peer: int) -> list[Event]:
         """A peer's events; after a resume, a re-run step's last line replaces earlier ones."""
         p = self.events_path(peer)
         if not p.exists():
             return []
-        by_step: dict[int, dict] = {}
-        for e in read_jsonl(p):
-            by_step.pop(e.get("step", -1), None)  # keep the order of the last occurrence
-            by_step[e.get("step", -1)] = e
+        by_step: dict[int, Event] = {}
+        for d in read_jsonl(p):
+            try:
+                e = Event.from_dict(d, peer)
+            except TypeError:
+                continue  # not an event line
+            by_step.pop(e.step, None)  # keep the order of the last occurrence
+            by_step[e.step] = e
         return list(by_step.values())
+
+    def peer_ids(self) -> list[int]:
+        """Peers of the run: from clusters.json, else those with an events file."""
+        if (self.root / "clusters.json").is_file():
+            return list(range(len(self.clusters()[0])))
+        ids = []
+        for p in self.events_dir.glob("peer-*.jsonl"):
+            try:
+                ids.append(int(p.stem.split("-", 1)[1]))
+            except ValueError:
+                continue
+        return sorted(ids)
+
+    def all_events(self) -> dict[int, list[Event]]:
+        """Every peer's events (re-run steps once), in peer-id order."""
+        return {i: self.events(i) for i in self.peer_ids()}
 
     def write_result(self, peer: int, result: Mapping[str, Any]) -> None:
         write_json_atomic(self.result_path(peer), dict(result))
 
     def results(self) -> dict[int, dict]:
+        """Each peer's result; a file that is unreadable (torn copy) is skipped."""
         out = {}
-        for p in self.peers_dir.glob("peer-*.json"):
-            with open(p) as f:
-                r = json.load(f)
-            out[int(r["peer"])] = r
+        for p in sorted(self.peers_dir.glob("peer-*.json")):
+            try:
+                with open(p) as f:
+                    r = json.load(f)
+                out[int(r["peer"])] = r
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
         return out
 
     def write_config(self, config: Mapping[str, Any]) -> None:
@@ -199,19 +300,28 @@ class RunDir:
             d = json.load(f)
         return d["clusters"], d["names"]
 
+    def pulls(self) -> dict | None:
+        """pulls.json (the pull-count matrices summarize() wrote), if there is one."""
+        p = self.root / "pulls.json"
+        if not p.is_file():
+            return None
+        with open(p) as f:
+            return json.load(f)
+
     def summary(self) -> dict:
         with open(self.root / "summary.json") as f:
             return json.load(f)
 
 
-def pull_matrix(events: Mapping[int, Iterable[Mapping]], peers: int, *, min_step: int = 0) -> np.ndarray:
+def pull_matrix(events: Mapping[int, Iterable[Event]], peers: int, *, min_step: int = 0) -> np.ndarray:
     """counts[i, j] = successful pulls of j's model by i (at steps >= min_step)."""
     m = np.zeros((peers, peers), dtype=np.int64)
     for i, evs in events.items():
         for e in evs:
-            if e.get("step", 0) >= min_step:
-                for j in e.get("ok", ()):
-                    m[i, j] += 1
+            if e.step >= min_step:
+                for j in e.ok:
+                    if 0 <= j < peers:
+                        m[i, j] += 1
     return m
 
 
@@ -249,12 +359,10 @@ def summarize(run: RunDir, *, wall_s: float | None = None, extra: Mapping[str, A
     results = run.results()
     events = {i: run.events(i) for i in range(n)}
     rounds = int(cfg.get("rounds") or 0)
-    last_steps = max((e["step"] for evs in events.values() for e in evs), default=-1) + 1
-    horizon = rounds or last_steps
-    tail_from = int(np.floor(0.8 * horizon))
+    tail = tail_from(rounds, events)
     m_all = pull_matrix(events, n)
-    m_tail = pull_matrix(events, n, min_step=tail_from)
-    write_json_atomic(run.root / "pulls.json", {"counts": m_all.tolist(), "tail_counts": m_tail.tolist(), "tail_from_step": tail_from})
+    m_tail = pull_matrix(events, n, min_step=tail)
+    write_json_atomic(run.root / "pulls.json", {"counts": m_all.tolist(), "tail_counts": m_tail.tolist(), "tail_from_step": tail})
     best = {i: r.get("test_acc") for i, r in results.items()}
     final = {i: r.get("final_test_acc") for i, r in results.items()}
     counters = [r.get("counters", {}) for r in results.values()]
@@ -296,9 +404,15 @@ def summarize(run: RunDir, *, wall_s: float | None = None, extra: Mapping[str, A
     return summary
 
 
-def _staleness(events: Mapping[int, Iterable[Mapping]]) -> dict[str, float | None]:
-    ages = [a for evs in events.values() for e in evs for a in e.get("age_s", ()) if a is not None]
-    lags = [a for evs in events.values() for e in evs for a in e.get("lag", ()) if a is not None]
+def tail_from(rounds: int, events: Mapping[int, Iterable[Event]]) -> int:
+    """First step of the last 20% of the run (of its rounds, else of the steps logged)."""
+    horizon = rounds or max((e.step for evs in events.values() for e in evs), default=-1) + 1
+    return int(np.floor(0.8 * horizon))
+
+
+def _staleness(events: Mapping[int, Iterable[Event]]) -> dict[str, float | None]:
+    ages = [a for evs in events.values() for e in evs for a in e.age_s if a is not None]
+    lags = [a for evs in events.values() for e in evs for a in e.lag if a is not None]
     q = lambda v, p: float(np.percentile(v, p)) if v else None  # noqa: E731
     return {"age_s_p50": q(ages, 50), "age_s_p99": q(ages, 99), "lag_p50": q(lags, 50), "lag_p99": q(lags, 99)}
 

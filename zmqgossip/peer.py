@@ -26,8 +26,9 @@ from torch import nn
 from . import learning
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .compute import ComputeThread
+from .config import DEFAULT_TIMEOUT_S
 from .data import ClientData
-from .metrics import RunDir
+from .metrics import Event, RunDir
 from .policies import Policy, Pulled
 from .scoring import Scorer
 from .transport import Counters, PullResult, Transport
@@ -46,7 +47,7 @@ class PeerSettings:
     lr: float = 3e-4
     warmup: bool = True
     test_every: int = 5
-    pull_timeout_s: float = 10.0
+    pull_timeout_s: float = DEFAULT_TIMEOUT_S
     speed: float = 1.0  # >1: this peer computes that many times slower
     rounds: int = 20
     seconds: float | None = None  # async budget in wall seconds (overrides rounds)
@@ -183,7 +184,7 @@ class Peer:
         await self.publish()
         self.state.status = "running"
 
-    async def step(self, turn: Turn | None = None) -> dict[str, Any]:
+    async def step(self, turn: Turn | None = None) -> Event:
         """One update of this peer; returns (and logs) its event. With a ``turn``, a slow
         pull lends it out while it waits (see turns.py)."""
         t_start = time.time()
@@ -225,23 +226,12 @@ class Peer:
         self._install(payload)
         self.state.bytes_pulled += nbytes
         now = time.time()
-        event = {
-            "peer": self.id,
-            "step": step,
-            "t": now - self.t0,
-            "dt": now - t_start,
-            "pull_s": pull_s,
-            "chosen": chosen,
-            "ok": [p.peer for p in pulled],
-            "failed": failed,
-            "loss": [p.loss for p in pulled] if scoring else None,
-            "mix": weights,
-            "age_s": ages,
-            "lag": lags,
-            "bytes": nbytes,
-            **stats,
-            "test_acc": test_acc,
-        }
+        event = Event(
+            peer=self.id, step=step, t=now - self.t0, dt=now - t_start, pull_s=pull_s, chosen=chosen,
+            ok=[p.peer for p in pulled], failed=failed, loss=[p.loss for p in pulled] if scoring else None,
+            mix=weights, age_s=ages, lag=lags, bytes=nbytes, train_loss=stats["train_loss"],
+            val_loss=stats["val_loss"], val_acc=stats["val_acc"], test_acc=test_acc,
+        )
         self.run_dir.append_event(self.id, event)
         self.transport.status["step"] = self.state.step
         ck = self._maybe_checkpoint()
@@ -251,7 +241,7 @@ class Peer:
         return event
 
     async def run(
-        self, on_event: Callable[[dict[str, Any]], None] | None = None, stop: asyncio.Event | None = None
+        self, on_event: Callable[[Event], None] | None = None, stop: asyncio.Event | None = None
     ) -> None:
         """The async schedule: update until the budget is spent; no barrier anywhere."""
         s = self.settings

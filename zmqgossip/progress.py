@@ -9,6 +9,8 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from .metrics import Event
+
 
 class RunProgress:
     """Counts peer-rounds as events arrive; a context manager around the run."""
@@ -45,12 +47,12 @@ class RunProgress:
         val = sum(self.val.values()) / len(self.val) if self.val else float("nan")
         return f"val acc {val:.3f}  pulls/s {self.pulls / el:.1f}  failed pulls {self.failures}"
 
-    def __call__(self, event: dict[str, Any]) -> None:
+    def __call__(self, event: Event) -> None:
         self.done += 1
-        self.pulls += len(event.get("ok", ()))
-        self.failures += len(event.get("failed", {}))
-        if event.get("val_acc") is not None:
-            self.val[event["peer"]] = event["val_acc"]
+        self.pulls += len(event.ok)
+        self.failures += len(event.failed)
+        if event.val_acc is not None:
+            self.val[event.peer] = event.val_acc
         if self._progress is not None:
             self._progress.update(self._task, completed=self.done, info=self.info())
         elif not self.quiet:

@@ -38,7 +38,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from rich.table import Table
 
-from .metrics import pull_matrix, read_jsonl, within_fraction
+from .metrics import Event, RunDir, pull_matrix, tail_from, within_fraction
 
 __all__ = [
     "PLOT_NAMES",
@@ -70,66 +70,36 @@ _LABEL_KEYS = ("schedule", "name")
 # ====================================================================== loading
 
 
-def _read_json(path: Path) -> Any:
-    with open(path) as f:
-        return json.load(f)
-
-
-def load_events(run_dir: str | Path) -> dict[int, list[dict]]:
-    """Every peer's event lines, ``{peer: [event, ...]}`` in the order written.
+def load_events(run_dir: str | Path) -> dict[int, list[Event]]:
+    """Every peer's events, ``{peer: [event, ...]}``, read through :class:`RunDir`: a step
+    that a resumed peer ran again counts once (its last line), as in ``summary.json``.
 
     Peers listed in ``clusters.json`` but without an events file (they died before their
     first update) map to an empty list.  A torn last line is skipped.
     """
-    root = Path(run_dir)
-    out: dict[int, list[dict]] = {}
-    clusters_path = root / "clusters.json"
-    if clusters_path.is_file():
-        out = {i: [] for i in range(len(_read_json(clusters_path)["clusters"]))}
-    ev_dir = root / "events"
-    if ev_dir.is_dir():
-        for p in ev_dir.glob("peer-*.jsonl"):
-            try:
-                pid = int(p.stem.split("-", 1)[1])
-            except ValueError:
-                continue
-            out[pid] = read_jsonl(p)
-    return dict(sorted(out.items()))
+    return RunDir.reader(run_dir).all_events()
 
 
 def load_clusters(run_dir: str | Path) -> tuple[list[int], list[str]]:
     """True cluster id per peer and the clusters' names (``clusters.json``)."""
-    d = _read_json(Path(run_dir) / "clusters.json")
-    return [int(c) for c in d["clusters"]], [str(n) for n in d["names"]]
+    clusters, names = RunDir.reader(run_dir).clusters()
+    return [int(c) for c in clusters], [str(n) for n in names]
 
 
 def _load_results(run_dir: Path) -> dict[int, dict]:
-    out: dict[int, dict] = {}
-    peers = run_dir / "peers"
-    if peers.is_dir():
-        for p in peers.glob("peer-*.json"):
-            try:
-                r = _read_json(p)
-                out[int(r["peer"])] = r
-            except (OSError, ValueError, KeyError, TypeError):
-                continue
-    return out
+    return RunDir.reader(run_dir).results()
 
 
-def _tail_from(run_dir: Path, events: Mapping[int, Sequence[Mapping]] | None = None) -> int:
+def _tail_from(run_dir: Path, events: Mapping[int, Sequence[Event]] | None = None) -> int:
     """First step of the last 20% (as summarize() computes it)."""
-    pulls = run_dir / "pulls.json"
-    if pulls.is_file():
-        d = _read_json(pulls)
+    d = RunDir.reader(run_dir).pulls()
+    if d is not None:
         if "tail_from_step" in d:
             return int(d["tail_from_step"])
     rounds = 0
     if (run_dir / "config.json").is_file():
-        rounds = int(_read_json(run_dir / "config.json").get("rounds") or 0)
-    if not rounds:
-        events = load_events(run_dir) if events is None else events
-        rounds = max((e.get("step", 0) for evs in events.values() for e in evs), default=-1) + 1
-    return int(math.floor(0.8 * rounds))
+        rounds = int(RunDir.reader(run_dir).config().get("rounds") or 0)
+    return tail_from(rounds, load_events(run_dir) if events is None else events)
 
 
 def pull_counts(run_dir: str | Path, *, tail: bool = False) -> np.ndarray:
@@ -139,9 +109,8 @@ def pull_counts(run_dir: str | Path, *, tail: bool = False) -> np.ndarray:
     of steps); rebuilt from the event files when ``pulls.json`` is missing (partial run).
     """
     root = Path(run_dir)
-    p = root / "pulls.json"
-    if p.is_file():
-        d = _read_json(p)
+    d = RunDir.reader(root).pulls()
+    if d is not None:
         key = "tail_counts" if tail else "counts"
         if key in d:
             return np.asarray(d[key], dtype=np.int64)
@@ -301,14 +270,14 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def _by_step(evs_by_peer: Iterable[Sequence[Mapping]], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean and std over peers of ``event[key]`` at each step (steps where any peer has it)."""
+def _by_step(evs_by_peer: Iterable[Sequence[Event]], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean and std over peers of the event field ``key`` at each step (steps where any peer has it)."""
     vals: dict[int, list[float]] = {}
     for evs in evs_by_peer:
         for e in evs:
-            v = e.get(key)
-            if v is not None and "step" in e:
-                vals.setdefault(int(e["step"]), []).append(float(v))
+            v = getattr(e, key)
+            if v is not None and e.step >= 0:
+                vals.setdefault(e.step, []).append(float(v))
     steps = np.array(sorted(vals), dtype=float)
     mean = np.array([np.mean(vals[int(s)]) for s in steps])
     std = np.array([np.std(vals[int(s)]) for s in steps])
@@ -347,8 +316,8 @@ def _block_axes(ax: Any, clusters: Sequence[int], names: Sequence[str]) -> None:
     ax.set_yticks(centres, labels, rotation=90, va="center")
 
 
-def _plot_accuracy(path: Path, title: str, events: Mapping[int, list[dict]], clusters: Sequence[int], names: Sequence[str]) -> Path | None:
-    if not any(e.get("val_acc") is not None for evs in events.values() for e in evs):
+def _plot_accuracy(path: Path, title: str, events: Mapping[int, list[Event]], clusters: Sequence[int], names: Sequence[str]) -> Path | None:
+    if not any(e.val_acc is not None for evs in events.values() for e in evs):
         return None
     fig = _new_figure(8, 4.8)
     ax = fig.add_subplot()
@@ -430,23 +399,23 @@ def _plot_weights(path: Path, title: str, results: Mapping[int, dict], clusters:
     return _save(fig, path)
 
 
-def _within_by_step(events: Mapping[int, list[dict]], clusters: Sequence[int], rows: Iterable[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _within_by_step(events: Mapping[int, list[Event]], clusters: Sequence[int], rows: Iterable[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     c = list(clusters)
     inside: dict[int, int] = {}
     total: dict[int, int] = {}
     for i in (events if rows is None else rows):
         for e in events.get(i, []):
-            ok = e.get("ok") or []
-            if not ok or "step" not in e:
+            ok = e.ok
+            if not ok or e.step < 0:
                 continue
-            s = int(e["step"])
+            s = e.step
             total[s] = total.get(s, 0) + len(ok)
             inside[s] = inside.get(s, 0) + sum(1 for j in ok if 0 <= j < len(c) and c[j] == c[i])
     steps = np.array(sorted(total), dtype=float)
     return steps, np.array([inside[int(s)] / total[int(s)] for s in steps])
 
 
-def _plot_within(path: Path, title: str, events: Mapping[int, list[dict]], clusters: Sequence[int], names: Sequence[str], tail_from: int) -> Path | None:
+def _plot_within(path: Path, title: str, events: Mapping[int, list[Event]], clusters: Sequence[int], names: Sequence[str], tail_from: int) -> Path | None:
     s, f = _within_by_step(events, clusters)
     if not len(s):
         return None
@@ -474,9 +443,9 @@ def _plot_within(path: Path, title: str, events: Mapping[int, list[dict]], clust
     return _save(fig, path)
 
 
-def _plot_staleness(path: Path, title: str, events: Mapping[int, list[dict]]) -> Path | None:
-    ages = [float(a) for evs in events.values() for e in evs for a in (e.get("age_s") or ()) if a is not None]
-    lags = [int(a) for evs in events.values() for e in evs for a in (e.get("lag") or ()) if a is not None]
+def _plot_staleness(path: Path, title: str, events: Mapping[int, list[Event]]) -> Path | None:
+    ages = [float(a) for evs in events.values() for e in evs for a in e.age_s if a is not None]
+    lags = [int(a) for evs in events.values() for e in evs for a in e.lag if a is not None]
     if not ages and not lags:
         return None
     fig = _new_figure(10, 4.2)
@@ -515,7 +484,7 @@ def write_plots(run_dir: str | Path) -> list[Path]:
     clusters, names = load_clusters(root)
     events = load_events(root)
     results = _load_results(root)
-    cfg = _read_json(root / "config.json") if (root / "config.json").is_file() else {}
+    cfg = RunDir.reader(root).config() if (root / "config.json").is_file() else {}
     title = " · ".join(str(x) for x in (cfg.get("name"), cfg.get("method"), cfg.get("schedule")) if x)
     tail_from = _tail_from(root, events)
     out_dir = root / "plots"
@@ -570,10 +539,11 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _load_run(path: str | Path) -> _Run:
     root = Path(path)
-    summary = _read_json(root / "summary.json")
+    rd = RunDir.reader(root)
+    summary = rd.summary()
     cfg_path = root / "config.json"
     if cfg_path.is_file():
-        flat = _flatten(_read_json(cfg_path))
+        flat = _flatten(rd.config())
     else:
         flat = {k: summary.get(k) for k in ("name", "method", "schedule", "peers", "rounds")}
     flat = {k: v for k, v in flat.items() if k not in _REPLICATE_KEYS and not k.startswith("environment.")}

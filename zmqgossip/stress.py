@@ -26,12 +26,13 @@ target costs a connection once the LRU pool is full), or over a fixed random set
 peer).  ``warmup_rounds`` rounds before the measurement connect the sockets (they count
 in the link statistics, nowhere else).
 
-``mode = "asyncio"`` hosts every peer as asyncio tasks of this process; ``"processes"``
-spawns ``processes`` workers (``spawn``, as :mod:`zmqgossip.procs`) that each host a share
-(:func:`zmqgossip.procs.split_peers`) over ipc or tcp and write their figures to a JSON
-file.  Workers meet at a barrier when their peers are published (nobody pulls a peer that
-is not bound yet) and again when their pulls are done (nobody closes while others still
-pull from it).
+A stress run rides the hosting path of learning runs: ``mode = "asyncio"`` hosts every
+:class:`StressPeer` as asyncio tasks of this process; ``"processes"`` spawns ``processes``
+workers (:class:`zmqgossip.hosting.workers.SpawnedWorkers`) that each host a share
+(:func:`zmqgossip.hosting.workers.split_peers`) over ipc or tcp and write their figures to
+a JSON file.  Hosts meet through :mod:`zmqgossip.hosting.liveness`: pulls start when every
+peer is published (and, with warm-up rounds, every host is warm), and no host closes while
+others still pull from it.
 
 Limits are checked with :func:`~zmqgossip.transport.preflight` before any socket exists,
 so an impossible number of peers fails at once with what to raise.
@@ -47,7 +48,6 @@ import asyncio
 import csv
 import json
 import math
-import multiprocessing as mp
 import os
 import random
 import resource
@@ -63,8 +63,14 @@ import numpy as np
 import torch
 import zmq
 import zmq.asyncio
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
+from .hosting.endpoints import remove_ipc
+from .hosting import liveness
+from .hosting.scenario import drive_timed
+from .hosting.workers import SpawnedWorkers, split_peers
+from .metrics import write_json_atomic
+from .config import NetworkConfig
 from .links import Links, NetworkEmulation
 from .transport import Transport, TransportConfig, make_directory, preflight
 from .wire import ModelPayload, schema_of
@@ -89,13 +95,10 @@ class StressConfig(BaseModel):
         0.0, ge=0, description="each peer waits this long between its rounds (emulated compute; first round staggered)")
     neighbours: int | None = Field(
         None, ge=1, description="each peer pulls only from a fixed random set of this many peers (default: all others)")
-    transport: Literal["inproc", "ipc", "tcp"] | None = Field(
-        None, description="default: inproc for asyncio, ipc for processes")
     mode: Literal["asyncio", "processes"] = Field("asyncio", description="one process, or spawned workers")
     processes: int = Field(2, ge=1, description="processes mode: worker processes")
-    pool_size: int = Field(8, ge=1, description="outgoing sockets kept per peer (LRU)")
-    timeout_s: float = Field(10.0, gt=0, description="per-pull timeout")
-    hwm: int = Field(16, ge=1, description="messages queued per socket")
+    network: NetworkConfig = Field(default_factory=NetworkConfig, description=(
+        "transport (default: inproc for asyncio, ipc for processes), pool size, timeout, hwm: as in an experiment"))
     seed: int = Field(0, ge=0)
     emulator: Literal["auto", "on", "off"] = Field(
         "auto", description="link emulator: auto (only when links are not ideal), on (always, to measure its cost), off")
@@ -111,13 +114,15 @@ class StressConfig(BaseModel):
             raise ValueError(f"fanout ({self.fanout}) must be smaller than peers ({self.peers})")
         if self.neighbours is not None and not self.fanout <= self.neighbours < self.peers:
             raise ValueError(f"neighbours ({self.neighbours}) must be >= fanout ({self.fanout}) and < peers ({self.peers})")
-        if self.transport is None:
-            self.transport = "inproc" if self.mode == "asyncio" else "ipc"
         if self.mode == "processes":
-            if self.transport == "inproc":
+            if "transport" not in self.network.model_fields_set:
+                self.network.transport = "ipc"
+            elif self.network.transport == "inproc":
                 raise ValueError("transport inproc works within one process: use ipc or tcp with mode processes")
             if self.processes > self.peers:
                 raise ValueError(f"processes ({self.processes}) exceeds peers ({self.peers})")
+        self._pool_given = self.network.pool_size
+        self.network.resolve(self.peers, self.processes if self.mode == "processes" else 1)
         for e in self.links.scenario:
             if e.action not in ("partition", "heal"):
                 raise ValueError(f"links.scenario: stress runs partition and heal only, not {e.action}")
@@ -132,6 +137,23 @@ class StressConfig(BaseModel):
             raise ValueError("emulator 'off' with a non-ideal link profile: the profile would be ignored")
         return self
 
+    _pool_given: int | None = PrivateAttr(None)
+
+    @property
+    def transport(self) -> str:
+        return self.network.transport
+
+    @property
+    def pool_size(self) -> int:
+        assert self.network.pool_size is not None  # resolved by the validator
+        return self.network.pool_size
+
+    def with_peers(self, peers: int, **fields: Any) -> "StressConfig":
+        """The same run with another number of peers (a pool size it chose is chosen again)."""
+        raw = self.model_dump()
+        raw["network"]["pool_size"] = self._pool_given
+        return StressConfig.model_validate({**raw, "peers": peers, **fields})
+
     @property
     def payload_bytes(self) -> int:
         return 4 * self.elements
@@ -145,8 +167,6 @@ class StressConfig(BaseModel):
         return self.emulator == "on" or (self.emulator == "auto" and not self.links.is_ideal)
 
     def shares(self) -> list[list[int]]:
-        from .procs import split_peers
-
         if self.mode == "asyncio":
             return [list(range(self.peers))]
         return split_peers(self.peers, self.processes)
@@ -177,7 +197,7 @@ def check_limits(cfg: StressConfig) -> None:
     biggest = max(len(s) for s in cfg.shares())
     ctx = zmq.Context()
     try:
-        preflight(ctx, biggest, cfg.pool_size, cfg.transport or "inproc")
+        preflight(ctx, biggest, cfg.pool_size, cfg.transport)
     finally:
         ctx.term()
 
@@ -224,12 +244,56 @@ class _Reservoir:
                 self.values[j] = v
 
 
+# ---------------------------------------------------------------------- a stress peer
+
+
+class StressPeer:
+    """A peer with no learning: it serves a random payload and pulls ``fanout`` peers a
+    round, concurrently, through the same transport, wire format and links as a learning
+    peer, until its pulls or the run's duration are spent."""
+
+    def __init__(self, cfg: StressConfig, pid: int, transport: Transport, payload: ModelPayload) -> None:
+        self.cfg = cfg
+        self.id = pid
+        self.transport = transport
+        self.payload = payload
+        self.rng = random.Random(cfg.seed * 1_000_003 + pid)
+        self.neighbours = ([q + (q >= pid) for q in self.rng.sample(range(cfg.peers - 1), cfg.neighbours)]
+                           if cfg.neighbours is not None else None)
+
+    async def start(self) -> None:
+        """Bind and publish: the peer can be pulled."""
+        await self.transport.start()
+        self.transport.publish(self.payload)
+
+    async def pull_round(self, k: int) -> list[Any]:
+        """Pull ``k`` distinct targets at once (uniform over all others, or the neighbours)."""
+        if self.neighbours is None:
+            targets = [q + (q >= self.id) for q in self.rng.sample(range(self.cfg.peers - 1), k)]
+        else:
+            targets = self.rng.sample(self.neighbours, k)
+        return await self.transport.pull_many(targets, self.cfg.network.timeout_s)
+
+    async def run(self, deadline: float | None, on_results: Callable[[list[Any]], None]) -> None:
+        """Rounds until the pulls or the deadline (``time.perf_counter()``) are spent."""
+        cfg = self.cfg
+        left = cfg.pulls
+        if cfg.interval_s:
+            await asyncio.sleep(self.rng.uniform(0, cfg.interval_s))  # peers do not all start at once
+        while True:
+            if left is not None and left <= 0:
+                break
+            if deadline is not None and time.perf_counter() >= deadline:
+                break
+            k = cfg.fanout if left is None else min(cfg.fanout, left)
+            on_results(await self.pull_round(k))
+            if left is not None:
+                left -= k
+            if cfg.interval_s:
+                await asyncio.sleep(cfg.interval_s)
+
+
 # ---------------------------------------------------------------------- one process's share
-
-
-async def _in_thread(fn: Callable[[], Any]) -> Any:
-    """Run a blocking call (a barrier) in a thread so this loop keeps serving."""
-    return await asyncio.get_running_loop().run_in_executor(None, fn)
 
 
 async def host_share(
@@ -237,38 +301,40 @@ async def host_share(
     ids: Sequence[int],
     directory: Mapping[int, str],
     *,
-    barrier: Any = None,
-    barrier_timeout_s: float = 600.0,
+    start_timeout_s: float = 600.0,
 ) -> dict[str, Any]:
-    """Host the stress peers ``ids`` of ``directory``; return this process's figures."""
+    """Host the stress peers ``ids`` of ``directory``; return this process's figures.
+
+    Hosts meet as learning runs do (hosting.liveness): every peer is bound and published
+    before anyone pulls, every host has warmed up before the measurement starts, and each
+    host keeps serving until every other is done pulling.
+    """
     ctx = zmq.asyncio.Context()
-    transports: dict[int, Transport] = {}
+    stress_peers: dict[int, StressPeer] = {}
     try:
-        budget = preflight(ctx, len(ids), cfg.pool_size, cfg.transport or "inproc")
+        budget = preflight(ctx, len(ids), cfg.pool_size, cfg.transport)
         fds_base = fd_count()
         links = Links(cfg.links, cfg.peers, cfg.seed) if cfg.use_links else None
         payloads = make_payloads(cfg, ids)
-        tcfg = TransportConfig(pool_size=cfg.pool_size, timeout_s=cfg.timeout_s, hwm=cfg.hwm)
+        tcfg = TransportConfig(pool_size=cfg.pool_size, timeout_s=cfg.network.timeout_s, hwm=cfg.network.hwm)
         schema = stress_schema(cfg)
         t_setup = time.perf_counter()
         for pid in ids:
-            t = Transport(ctx, pid, directory, config=tcfg, expect=schema, links=links)
-            transports[pid] = t
-            await t.start()
-            t.publish(payloads[pid])
+            sp = stress_peers[pid] = StressPeer(cfg, pid, Transport(ctx, pid, directory, config=tcfg, expect=schema,
+                                                                    links=links), payloads[pid])
+            await sp.start()
         setup_s = time.perf_counter() - t_setup
-        if barrier is not None:
-            await _in_thread(lambda: barrier.wait(barrier_timeout_s))
+        transports = [sp.transport for sp in stress_peers.values()]
+        remote = [p for p in directory if p not in stress_peers]
+        probe = transports[0]
+        await liveness.meet(probe, remote, "ready", transports, deadline_s=start_timeout_s)
 
         lat = _Reservoir(MAX_LATENCY_SAMPLES, cfg.seed + (min(ids) if ids else 0))
         ok_bytes = 0
         peak = {"sockets": 0, "fds": 0}
-        rngs = {pid: random.Random(cfg.seed * 1_000_003 + pid) for pid in ids}
-        neighbours = {pid: [q + (q >= pid) for q in rngs[pid].sample(range(cfg.peers - 1), cfg.neighbours)]
-                      for pid in ids} if cfg.neighbours is not None else {}
 
         def sample() -> None:
-            peak["sockets"] = max(peak["sockets"], sum(t.sockets_open for t in transports.values()))
+            peak["sockets"] = max(peak["sockets"], sum(t.sockets_open for t in transports))
             peak["fds"] = max(peak["fds"], fd_count())
 
         async def monitor() -> None:
@@ -276,62 +342,36 @@ async def host_share(
                 await asyncio.sleep(0.25)
                 sample()
 
-        async def one_round(pid: int, k: int, record: bool) -> None:
+        def record(results: list[Any]) -> None:
             nonlocal ok_bytes
-            rng, others = rngs[pid], neighbours.get(pid)
-            if others is None:
-                targets = [q + (q >= pid) for q in rng.sample(range(cfg.peers - 1), k)]
-            else:
-                targets = rng.sample(others, k)
-            results = await transports[pid].pull_many(targets, cfg.timeout_s)
-            if record:
-                for r in results:
-                    if r.ok:
-                        lat.add(r.latency_s)
-                        ok_bytes += r.nbytes
+            for r in results:
+                if r.ok:
+                    lat.add(r.latency_s)
+                    ok_bytes += r.nbytes
 
         mon = asyncio.create_task(monitor())
         if cfg.warmup_rounds:  # connect (and fill the pools) before anything is measured
-            async def warm(pid: int) -> None:
+            async def warm(sp: StressPeer) -> None:
                 for _ in range(cfg.warmup_rounds):
-                    await one_round(pid, cfg.fanout, False)
+                    await sp.pull_round(cfg.fanout)
 
-            await asyncio.gather(*(warm(p) for p in ids))
-            if barrier is not None:
-                await _in_thread(lambda: barrier.wait(barrier_timeout_s))
-        before = _totals(transports.values())
+            await asyncio.gather(*(warm(sp) for sp in stress_peers.values()))
+            await liveness.meet(probe, remote, "warm", transports, deadline_s=start_timeout_s)
+        before = _totals(transports)
 
         start_wall, start, cpu0 = time.time(), time.perf_counter(), time.process_time()
         deadline = None if cfg.duration_s is None else start + cfg.duration_s
 
-        async def scenario() -> None:
-            for e in sorted(cfg.links.scenario, key=lambda e: e.at_s or 0.0):
-                await asyncio.sleep(max(0.0, start + (e.at_s or 0.0) - time.perf_counter()))
-                if links is not None:
-                    if e.action == "partition":
-                        links.partition(e.groups)
-                    else:
-                        links.heal()
+        async def apply(e: Any) -> None:
+            if links is not None:
+                if e.action == "partition":
+                    links.partition(e.groups)
+                else:
+                    links.heal()
 
-        async def peer_loop(pid: int) -> None:
-            left = cfg.pulls
-            if cfg.interval_s:
-                await asyncio.sleep(rngs[pid].uniform(0, cfg.interval_s))  # peers do not all start at once
-            while True:
-                if left is not None and left <= 0:
-                    break
-                if deadline is not None and time.perf_counter() >= deadline:
-                    break
-                k = cfg.fanout if left is None else min(cfg.fanout, left)
-                await one_round(pid, k, True)
-                if left is not None:
-                    left -= k
-                if cfg.interval_s:
-                    await asyncio.sleep(cfg.interval_s)
-
-        drv = asyncio.create_task(scenario())
+        drv = asyncio.create_task(drive_timed(cfg.links.scenario, start_wall, apply))
         try:
-            await asyncio.gather(*(peer_loop(p) for p in ids))
+            await asyncio.gather(*(sp.run(deadline, record) for sp in stress_peers.values()))
         finally:
             end, cpu1 = time.perf_counter(), time.process_time()
             mon.cancel()
@@ -339,9 +379,8 @@ async def host_share(
             await asyncio.gather(mon, drv, return_exceptions=True)
         sample()
         end_wall = start_wall + (end - start)
-        after = _totals(transports.values())
-        if barrier is not None:  # keep serving until every process is done pulling
-            await _in_thread(lambda: barrier.wait(barrier_timeout_s))
+        after = _totals(transports)
+        await liveness.part(probe, remote, transports, timeout_s=cfg.network.timeout_s)
 
         return {
             "pid": os.getpid(),
@@ -368,7 +407,7 @@ async def host_share(
             "links": _links_raw(links),
         }
     finally:
-        await asyncio.gather(*(t.close() for t in transports.values()), return_exceptions=True)
+        await asyncio.gather(*(sp.transport.close() for sp in stress_peers.values()), return_exceptions=True)
         ctx.destroy(linger=0)
 
 
@@ -393,27 +432,16 @@ def _links_raw(links: Links | None) -> dict[str, Any] | None:
             "duplicated": s.duplicated, "delay_sum_s": s.delay_sum_s, "delays_ms": list(s.delays_ms)}
 
 
-def _worker_main(cfg_data: dict, ids: list[int], directory: dict[int, str], barrier: Any, out_path: str) -> None:
+def _worker_main(cfg_data: dict, ids: list[int], directory: dict[int, str], out_path: str) -> None:
     """Entry point of one spawned stress worker: host ``ids``, write figures to ``out_path``."""
     torch.set_num_threads(1)
     cfg = StressConfig.model_validate(cfg_data)
     try:
-        res = asyncio.run(host_share(cfg, ids, directory, barrier=barrier))
+        res = asyncio.run(host_share(cfg, ids, directory))
     except BaseException as e:  # noqa: BLE001 - report any failure to the parent, then fail
-        try:
-            barrier.abort()
-        except Exception:  # noqa: BLE001, S110 - already broken or gone: nothing to tell
-            pass
-        _write_json(out_path, {"error": f"{type(e).__name__}: {e}"})
+        write_json_atomic(Path(out_path), {"error": f"{type(e).__name__}: {e}"})
         raise SystemExit(1) from None
-    _write_json(out_path, res)
-
-
-def _write_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
+    write_json_atomic(Path(out_path), res)
 
 
 # ---------------------------------------------------------------------- the run
@@ -428,7 +456,7 @@ def run_stress(cfg: StressConfig) -> dict[str, Any]:
     check_limits(cfg)  # before anything: a clear message if the limits are too low
     t0 = time.perf_counter()
     shares = cfg.shares()
-    directory = make_directory(cfg.transport or "inproc", range(cfg.peers))
+    directory = make_directory(cfg.transport, range(cfg.peers))
     try:
         if cfg.mode == "asyncio":
             threads = torch.get_num_threads()
@@ -440,48 +468,28 @@ def run_stress(cfg: StressConfig) -> dict[str, Any]:
         else:
             parts = _run_workers(cfg, shares, directory)
     finally:
-        _cleanup_ipc(directory)
+        remove_ipc(directory)
     return combine(cfg, parts, total_s=time.perf_counter() - t0)
 
 
 def _run_workers(cfg: StressConfig, shares: list[list[int]], directory: Mapping[int, str]) -> list[dict]:
-    ctx = mp.get_context("spawn")
-    barrier = ctx.Barrier(len(shares))
+    workers = SpawnedWorkers(daemon=True, grace_s=10.0)
     tmp = tempfile.mkdtemp(prefix="zgstress")
-    procs = []
     try:
         for k, share in enumerate(shares):
-            p = ctx.Process(target=_worker_main, args=(cfg.model_dump(), share, dict(directory), barrier,
-                                                         os.path.join(tmp, f"worker-{k}.json")), daemon=True)
-            p.start()
-            procs.append(p)
-        try:
-            while any(p.is_alive() for p in procs):
-                if any(p.exitcode not in (None, 0) for p in procs):
-                    barrier.abort()  # the others stop waiting for the dead one
-                time.sleep(0.05)
-        except BaseException:
-            barrier.abort()
-            for p in procs:
-                if p.is_alive():
-                    p.terminate()
-            raise
-        finally:
-            for p in procs:
-                p.join(10)
-                if p.is_alive():
-                    p.kill()
-                    p.join()
+            workers.start(_worker_main, share, cfg.model_dump(), share, dict(directory), os.path.join(tmp, f"worker-{k}.json"))
+        # One dead worker fails the run: the others are stopped rather than left waiting for it.
+        outcomes = workers.watch(poll_s=0.05, on_death=lambda k, code: workers.stop())
         parts, errors = [], []
-        for k, p in enumerate(procs):
-            path = os.path.join(tmp, f"worker-{k}.json")
+        for o in outcomes:
+            path = os.path.join(tmp, f"worker-{o.worker}.json")
             try:
                 with open(path) as f:
                     res = json.load(f)
             except (OSError, ValueError):
-                res = {"error": f"no result (exit code {p.exitcode})"}
-            if "error" in res or p.exitcode != 0:
-                errors.append(f"worker {k} (peers {shares[k][0]}..{shares[k][-1]}): {res.get('error', p.exitcode)}")
+                res = {"error": f"no result (exit code {o.exitcode})"}
+            if "error" in res or o.exitcode != 0:
+                errors.append(f"worker {o.worker} (peers {o.peers[0]}..{o.peers[-1]}): {res.get('error', o.exitcode)}")
             else:
                 parts.append(res)
         if errors:
@@ -489,12 +497,6 @@ def _run_workers(cfg: StressConfig, shares: list[list[int]], directory: Mapping[
         return parts
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _cleanup_ipc(directory: Mapping[int, str]) -> None:
-    from .runner import _cleanup_ipc as cleanup
-
-    cleanup(directory)
 
 
 def _q(values: np.ndarray, p: float) -> float | None:
@@ -603,8 +605,7 @@ def run_sweep(
 
     All grid points are validated and checked against the limits before the first runs.
     """
-    cfgs = [StressConfig.model_validate({**base.model_dump(), "peers": n, "payload_kb": kb})
-            for kb in payload_kb for n in peers]
+    cfgs = [base.with_peers(n, payload_kb=kb) for kb in payload_kb for n in peers]
     for c in cfgs:
         check_limits(c)
     out = Path(out_dir)

@@ -32,6 +32,7 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from . import wire
+from .config import DEFAULT_HWM, DEFAULT_TIMEOUT_S, SMALL_POOL
 from .wire import Kind, Limits, ModelPayload, Schema, WireError
 
 if TYPE_CHECKING:
@@ -142,9 +143,9 @@ class PullResult:
 class TransportConfig:
     """Socket options and bounds; defaults suit a few thousand peers on one machine."""
 
-    pool_size: int = 8  # outgoing DEALERs kept per peer (LRU)
-    timeout_s: float = 10.0  # default per-pull timeout
-    hwm: int = 16  # messages queued per socket before refusing: models are big
+    pool_size: int = SMALL_POOL  # outgoing DEALERs kept per peer (LRU)
+    timeout_s: float = DEFAULT_TIMEOUT_S  # default per-pull timeout
+    hwm: int = DEFAULT_HWM  # messages queued per socket before refusing: models are big
     limits: Limits = wire.DEFAULT_LIMITS
     check_sender: bool = True
 
@@ -893,12 +894,15 @@ def socket_budget(peers: int, pool_size: int, transport: str, secure: bool = Fal
 
     Each ZeroMQ socket holds one descriptor (its mailbox); each ipc/tcp connection holds
     one at each end, and both ends live here when the peers share the process; each
-    ipc/tcp inbox also holds the descriptor it listens on.  A socket
-    the LRU closes keeps its slot and descriptor until ZeroMQ's reaper thread frees them,
-    so each peer briefly holds one socket more than its inbox and pool.  With CURVE
-    (``secure``) each inbox has a monitor (two sockets) and the process one ZAP handler.
+    ipc/tcp inbox also holds the descriptor it listens on. A socket the LRU closes keeps
+    its slot and descriptor until ZeroMQ's reaper thread frees them, and under load the
+    reaper falls behind by many sockets (1,000 peers pulling uniformly at random, with
+    pools of 8, ran out of slots at the exact count): half a pool per peer is kept free
+    for them. With CURVE (``secure``) each inbox has a monitor (two sockets) and the
+    process one ZAP handler.
     """
-    sockets = peers * (2 + pool_size) + (peers * 2 + 1 if secure else 0)
+    reaping = peers * max(1, pool_size // 2)
+    sockets = peers * (2 + pool_size) + reaping + (peers * 2 + 1 if secure else 0)
     # ipc/tcp: each bound inbox also holds its listening descriptor.
     conns = 0 if transport == "inproc" else peers * (pool_size * 2 + 1)
     return Budget(peers, sockets, sockets + conns + 64)

@@ -29,20 +29,19 @@ def run(
     """Run an experiment and print its result table."""
     # Imported here, not at the top: torch loads only when a command needs it.
     from ..data import DataError
-    from ..procs import run_processes
+    from ..hosting import Place, RosterHosts, build_partition, check_model, default_place, run_experiment
     from ..progress import RunProgress
     from ..report import summary_table
-    from ..runner import build_partition, check_model, run_local
     from ..transport import TransportError
 
     overrides = list(set_)
     if processes is not None:
         overrides.append(f"compute.processes={processes}")
-    shares = directory = keys = None
+    place: Place | None = None
     try:
         if resume is not None:
+            from ..hosting import load_run_config
             from ..metrics import RunDir
-            from ..runner import load_run_config
 
             if not (resume / "config.json").is_file():
                 fail(f"{resume} is not a run directory (no config.json)")
@@ -52,14 +51,14 @@ def run(
             from ..roster import load_roster
 
             ros, cfg = load_roster(roster)
-            shares = [h.peers for h in ros.hosts]
-            directory = ros.directory()
             out_dir = out_dir or Path(ros.out)
+            keys = None
             if ros.security == "curve":
                 from ..security import keys_folder, load_keyring
 
                 keys = keys_folder(ros.keys, roster)
                 load_keyring(keys, range(cfg.peers), range(cfg.peers), roster=str(roster))  # missing keys fail here
+            place = RosterHosts([h.peers for h in ros.hosts], ros.directory(), keys)
         elif experiment is None:
             fail("name an EXPERIMENT (preset or TOML file) or pass --roster FILE")
         else:
@@ -71,11 +70,8 @@ def run(
     typer.echo(f"run directory: {run_dir}", err=True)
     try:
         with RunProgress(cfg.peers * cfg.rounds, quiet=quiet) as progress:
-            if shares is not None or cfg.compute.processes > 1:
-                summary = run_processes(cfg, run_dir, on_event=progress, shares=shares, directory=directory,
-                                        resume=resume is not None, keys=keys)
-            else:
-                summary = run_local(cfg, run_dir, on_event=progress, resume=resume is not None)
+            summary = run_experiment(cfg, run_dir, place=place or default_place(cfg), on_event=progress,
+                                     resume=resume is not None)
     except (DataError, TransportError, config_mod.ConfigError) as e:
         fail(str(e))
     except KeyboardInterrupt:

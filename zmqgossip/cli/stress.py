@@ -113,9 +113,10 @@ def stress(
     transport: Optional[str] = typer.Option(None, help="inproc, ipc or tcp (default inproc; ipc with --mode processes)"),
     mode: str = typer.Option("asyncio", help="asyncio (one process) or processes (spawned workers)"),
     processes: int = typer.Option(2, help="worker processes for --mode processes"),
-    pool_size: int = typer.Option(8, "--pool-size", help="outgoing sockets kept per peer (LRU)"),
-    timeout: float = typer.Option(10.0, "--timeout", help="per-pull timeout in seconds"),
-    hwm: int = typer.Option(16, help="messages queued per socket"),
+    pool_size: Optional[int] = typer.Option(
+        None, "--pool-size", help="outgoing sockets kept per peer (LRU; default: one per other peer up to 33 peers, else 8)"),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="per-pull timeout in seconds (default: an experiment's)"),
+    hwm: Optional[int] = typer.Option(None, help="messages queued per socket (default: an experiment's)"),
     seed: int = typer.Option(0, help="random seed (targets, link randomness)"),
     emulator: str = typer.Option("auto", help="link emulator: auto, on (even for ideal links), off"),
     links: Optional[Path] = typer.Option(None, "--links", help="TOML file with a \\[links] table (profile, classes, scenario)"),
@@ -150,8 +151,10 @@ def stress(
         link_raw = {**link_raw, "default": default}
     raw = {
         "peers": peers, "payload_kb": payload_kb, "tensors": tensors, "pulls": pulls, "duration_s": duration,
-        "fanout": fanout, "neighbours": neighbours, "interval_s": interval, "warmup_rounds": warmup_rounds, "transport": transport, "mode": mode, "processes": processes, "pool_size": pool_size,
-        "timeout_s": timeout, "hwm": hwm, "seed": seed, "emulator": emulator, "links": link_raw,
+        "fanout": fanout, "neighbours": neighbours, "interval_s": interval, "warmup_rounds": warmup_rounds,
+        "mode": mode, "processes": processes, "seed": seed, "emulator": emulator, "links": link_raw,
+        "network": {k: v for k, v in (("transport", transport), ("pool_size", pool_size), ("timeout_s", timeout),
+                                      ("hwm", hwm)) if v is not None},
     }
     sp = _list(sweep_peers, int, "--sweep-peers")
     skb = _list(sweep_payload_kb, float, "--sweep-payload-kb")

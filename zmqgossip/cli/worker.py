@@ -28,7 +28,7 @@ def worker(
     from ..progress import RunProgress
     from ..report import summary_table
     from ..roster import load_roster
-    from ..runner import build_partition, check_model, host_peers, prepare_run
+    from ..hosting import build_partition, check_model, host_peers, prepare_run
     from ..security import keys_folder, load_keyring
     from ..transport import TransportError
 
