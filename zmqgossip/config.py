@@ -190,7 +190,7 @@ class ExperimentConfig(_Strict):
         return self
 
 
-def _format_error(e: ValidationError, source: str, overridden: Mapping[str, str] | None = None) -> str:
+def format_error(e: ValidationError, source: str, overridden: Mapping[str, str] | None = None) -> str:
     lines = []
     for err in e.errors():
         loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
@@ -214,7 +214,7 @@ def validate(
     try:
         return ExperimentConfig.model_validate(dict(raw))
     except ValidationError as e:
-        raise ConfigError(_format_error(e, source, overridden)) from None
+        raise ConfigError(format_error(e, source, overridden)) from None
 
 
 def preset_dirs() -> list[Path]:

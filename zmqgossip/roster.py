@@ -25,7 +25,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .config import ConfigError, ExperimentConfig, _format_error, load
+from .config import ConfigError, ExperimentConfig, format_error, load
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -95,7 +95,7 @@ def load_roster(path: str | Path) -> tuple[Roster, ExperimentConfig]:
     try:
         roster = Roster.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_format_error(e, str(path))) from None
+        raise ConfigError(format_error(e, str(path))) from None
     exp = roster.experiment
     rel = path.parent / exp
     if exp.endswith(".toml") and rel.is_file():
