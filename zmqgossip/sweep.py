@@ -1,0 +1,196 @@
+"""Sweeps: a grid of runs (methods x seeds x settings) on warm workers.
+
+Each run of the grid is an ordinary run with its own run directory, hosted by
+:func:`zmqgossip.hosting.run_experiment` exactly as ``zmqgossip run`` hosts it, so a
+sequential run of a sweep is bit for bit the same run. What a sweep saves is the start
+of a process for every run: ``parallel`` worker processes start once (torch imported,
+threads set) and take runs one after another. A sweep that is interrupted continues,
+when started again with the same arguments, with the runs that have no summary yet.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import itertools
+import multiprocessing as mp
+import re
+import shutil
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import config as config_mod
+from .config import ConfigError
+
+
+class SweepError(ValueError):
+    """A grid that cannot be run (empty, malformed, or naming something unknown)."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of the grid: its directory name and the ``--set`` overrides that make it."""
+
+    name: str
+    overrides: tuple[str, ...]
+
+
+def parse_values(text: str, what: str) -> list[str]:
+    """``a,b,c`` -> its items (no empty ones)."""
+    items = [x.strip() for x in text.split(",")]
+    if not items or any(not x for x in items):
+        raise SweepError(f"{what}: expected a comma-separated list, got {text!r}")
+    return items
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``0-4``, ``1,3,7`` or ``0-2,9`` -> the seeds, in order, each once."""
+    out: list[int] = []
+    for part in parse_values(text, "--seed"):
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if m is None:
+            raise SweepError(f"--seed: {part!r} is not a seed or a range like 0-4")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo:
+            raise SweepError(f"--seed: the range {part!r} is empty")
+        out.extend(s for s in range(lo, hi + 1) if s not in out)
+    return out
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=-]+", "_", text)
+
+
+def expand(
+    experiment: str, *, methods: Sequence[str] | None, seeds: Sequence[int] | None, sets: Sequence[str] = (),
+    fixed: Sequence[str] = (),
+) -> list[RunSpec]:
+    """The grid's runs: every method x seed x combination of the ``--set key=v1,v2`` values.
+
+    ``fixed``: overrides every run takes as they are. Every run's config is validated
+    here, so a bad value fails the sweep before anything runs.
+    """
+    axes: list[list[tuple[str, str]]] = []
+    for item in sets:
+        if "=" not in item:
+            raise SweepError(f"--set {item!r}: expected key=value or key=v1,v2,...")
+        key, _, values = item.partition("=")
+        axes.append([(key.strip(), v) for v in parse_values(values, f"--set {key.strip()}")])
+    if methods is not None:
+        axes.insert(0, [("method", m) for m in methods])
+    if seeds is not None:
+        axes.append([("seed", str(s)) for s in seeds])
+    specs = []
+    for combo in itertools.product(*axes):
+        name = "-".join(_slug(v if k == "method" else f"seed{v}" if k == "seed" else f"{k}={v}")
+                        for k, v in combo) or "run"
+        specs.append(RunSpec(name, tuple(fixed) + tuple(f"{k}={v}" for k, v in combo)))
+    if not specs:
+        raise SweepError("the grid is empty")
+    if len({s.name for s in specs}) != len(specs):
+        raise SweepError("the grid names a run twice (repeated values?)")
+    for s in specs:
+        try:
+            config_mod.load(experiment, s.overrides)
+        except ConfigError as e:
+            raise SweepError(f"run {s.name}: {e}") from None
+    return specs
+
+
+def is_done(run_dir: Path) -> bool:
+    """A run that finished: its summary exists and names no failed peer."""
+    try:
+        from .metrics import RunDir
+
+        return not RunDir.reader(run_dir).summary()["failed_peers"]
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+# ---------------------------------------------------------------------- warm workers
+
+
+def _warm_up(threads: int) -> None:
+    """A sweep worker's start: what every run would otherwise pay again."""
+    import torch
+
+    import zmqgossip.hosting  # noqa: F401  (torch, the models, the policies, the transport)
+
+    torch.set_num_threads(threads)
+
+
+def run_one(experiment: str, overrides: Sequence[str], out: str) -> str:
+    """One run of the grid, in a warm worker or in this process; returns its directory."""
+    from .hosting import run_experiment
+
+    cfg = config_mod.load(experiment, overrides)
+    path = Path(out)
+    if path.exists():  # an interrupted run of an earlier sweep: it starts over
+        shutil.rmtree(path)
+    run_experiment(cfg, path)
+    return out
+
+
+def run_sweep(
+    experiment: str,
+    specs: Sequence[RunSpec],
+    out: Path,
+    *,
+    parallel: int = 1,
+    on_progress: Callable[[Path], None] | None = None,
+    on_run: Callable[[RunSpec, str], None] | None = None,
+) -> list[Path]:
+    """Run every spec not done yet under ``out``; return every run directory of the grid.
+
+    ``parallel`` runs at once, each in a warm worker process that takes one run after
+    another. ``on_progress`` is called about twice a second with each run directory
+    in progress (to follow its events); ``on_run`` once per run with "done" or its error.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    dirs = [out / s.name for s in specs]
+    todo = [(s, d) for s, d in zip(specs, dirs) if not is_done(d)]
+    for s, d in zip(specs, dirs):
+        if on_run is not None and (s, d) not in todo:
+            on_run(s, "done before")
+    if not todo:
+        return dirs
+    errors = []
+    ctx = mp.get_context("spawn")
+    threads = config_mod.load(experiment, todo[0][0].overrides).compute.threads
+    with cf.ProcessPoolExecutor(max_workers=max(1, min(parallel, len(todo))), mp_context=ctx,
+                                initializer=_warm_up, initargs=(threads,)) as pool:
+        futures = {pool.submit(run_one, experiment, s.overrides, str(d)): (s, d) for s, d in todo}
+        pending = set(futures)
+        try:
+            while pending:
+                finished, pending = cf.wait(pending, timeout=0.5, return_when=cf.FIRST_COMPLETED)
+                if on_progress is not None:
+                    for f in pending:
+                        on_progress(futures[f][1])
+                for f in finished:
+                    s, d = futures[f]
+                    if on_progress is not None:
+                        on_progress(d)
+                    exc = f.exception()
+                    if exc is not None:
+                        errors.append(f"{s.name}: {exc}")
+                    if on_run is not None:
+                        on_run(s, "done" if exc is None else f"failed: {exc}")
+        except BaseException:  # Ctrl-C reaches the workers too: their runs end with partial results
+            for f in pending:
+                f.cancel()
+            raise
+    if errors:
+        raise SweepError("; ".join(errors))
+    return dirs
+
+
+def total_peer_rounds(experiment: str, specs: Iterable[RunSpec]) -> int:
+    total = 0
+    for s in specs:
+        cfg = config_mod.load(experiment, s.overrides)
+        total += cfg.peers * cfg.rounds
+    return total
+
+
+__all__ = ["RunSpec", "SweepError", "expand", "is_done", "parse_seeds", "parse_values", "run_sweep", "total_peer_rounds"]
