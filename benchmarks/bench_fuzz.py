@@ -32,6 +32,7 @@ import torch
 from _common import environment, json_line, pct, table
 
 from zmqgossip import config, fuzz, hosting, wire
+from zmqgossip.metrics import Event
 from zmqgossip.transport import Transport, make_directory
 
 VICTIM = 0
@@ -91,8 +92,8 @@ def main() -> None:
     steps: list[float] = []
     figures: dict = {}
 
-    def on_event(e: dict) -> None:
-        if e["peer"] == VICTIM:
+    def on_event(e: Event) -> None:
+        if e.peer == VICTIM:
             steps.append(time.time())
 
     async def run() -> None:

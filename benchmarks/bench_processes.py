@@ -39,6 +39,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from zmqgossip.metrics import Event, RunDir
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, json_line, table
 
@@ -56,12 +58,8 @@ def load1() -> float:
     return os.getloadavg()[0]
 
 
-def events_of(out: Path) -> list[dict]:
-    evs = []
-    for p in sorted((out / "events").glob("peer-*.jsonl")):
-        with open(p) as f:
-            evs += [json.loads(line) for line in f if line.endswith("\n")]
-    return evs
+def events_of(out: Path) -> list[Event]:
+    return [e for evs in RunDir.reader(out).all_events().values() for e in evs]
 
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -166,8 +164,8 @@ def one_run(preset: str, rounds: int, processes: int, out: Path, extra: list[str
     n = len(evs)
     # The steady rate from the events' own times (seconds from the host's round-0 start;
     # hosts of one run pass that barrier within a ping of each other).
-    first_start = min(e["t"] - e["dt"] for e in evs)
-    last_end = max(e["t"] for e in evs)
+    first_start = min(e.t - e.dt for e in evs)
+    last_end = max(e.t for e in evs)
     span = last_end - first_start
     # The running window in sampled time: first sample with an update .. first with all.
     i0 = next((i for i, s in enumerate(samples) if s[1] > 0), 0)
@@ -200,8 +198,8 @@ def one_run(preset: str, rounds: int, processes: int, out: Path, extra: list[str
         "pulls_failed": summary["pulls_failed"],
         "load_before": load_before,
         "load_after": load1(),
-        "median_dt_s": sorted(e["dt"] for e in evs)[n // 2],
-        "median_pull_s": sorted(e["pull_s"] for e in evs)[n // 2],
+        "median_dt_s": sorted(e.dt for e in evs)[n // 2],
+        "median_pull_s": sorted(e.pull_s for e in evs)[n // 2],
     }
 
 

@@ -364,9 +364,9 @@ def test_killed_peers_stop_answering_and_the_rest_finish(tmp_path):
     for pid, r in rd.results().items():
         evs = rd.events(pid)
         if pid in victims:
-            assert r["status"] == "killed" and evs[-1]["t"] < killed_at + 1.0  # stopped after the update in progress
+            assert r["status"] == "killed" and evs[-1].t < killed_at + 1.0  # stopped after the update in progress
         else:
-            assert r["status"] == "done" and evs[-1]["t"] > cfg.seconds - 1.0
+            assert r["status"] == "done" and evs[-1].t > cfg.seconds - 1.0
     assert s["failed_peers"] == victims
 
 
@@ -381,13 +381,13 @@ def test_a_late_joiner_catches_up(tmp_path):
     results = rd.results()
     assert s["failed_peers"] == [] and s["peer_rounds"] == 10 * rounds
     evs = rd.events(joiner)
-    assert len(evs) == rounds and evs[0]["t"] - evs[0]["dt"] >= join_at
+    assert len(evs) == rounds and evs[0].t - evs[0].dt >= join_at
     assert results[joiner]["status"] == "done" and results[joiner]["steps"] == rounds
     # Its first pulls already get models trained by the others (their steps are ahead).
-    assert sum(evs[0]["lag"]) < 0
+    assert sum(evs[0].lag) < 0
     mates = [r["test_acc"] for p, r in results.items() if p != joiner and r["cluster"] == results[joiner]["cluster"]]
     print(f"late joiner test acc {results[joiner]['test_acc']:.3f}, its cluster "
-          f"{np.mean(mates):.3f} (min {min(mates):.3f}); first pulls' lag {evs[0]['lag']}")
+          f"{np.mean(mates):.3f} (min {min(mates):.3f}); first pulls' lag {evs[0].lag}")
     assert results[joiner]["test_acc"] >= np.mean(mates) - 0.1
 
 
