@@ -85,3 +85,9 @@ def test_learning_benchmark_scores_mnist_with_the_background_step():
 def test_other_benchmarks_finish_with_their_figures(name):
     line = run_quick(name)
     assert len(line) > 3
+
+
+def test_sweep_benchmark_times_a_sweep_and_the_same_runs_one_by_one():
+    line = run_quick("sweep")
+    assert line["runs"] == 2 and line["sweep_wall_s"] > 0 and line["separate_wall_s"] > 0
+    assert line["cold_rounds_s_median"] > 0 and line["cold_start_s_median"] > 0 and line["cold_end_s_median"] > 0

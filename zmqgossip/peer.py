@@ -360,6 +360,7 @@ class Peer:
             "counters": self.transport.counters.as_dict(),
             "sampling_weights": {str(k): v for k, v in sw.items()} if sw else None,
             "resumed_from": self.resumed_from,
+            "round0_t": self.t0,  # wall clock of round 0: event times count from here
             **extra,
         }
 

@@ -14,13 +14,16 @@ import concurrent.futures as cf
 import itertools
 import multiprocessing as mp
 import re
+import json
 import shutil
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import config as config_mod
 from .config import ConfigError
+from .metrics import write_json_atomic
 
 
 class SweepError(ValueError):
@@ -119,16 +122,18 @@ def _warm_up(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def run_one(experiment: str, overrides: Sequence[str], out: str) -> str:
-    """One run of the grid, in a warm worker or in this process; returns its directory."""
+def run_one(experiment: str, overrides: Sequence[str], out: str) -> float:
+    """One run of the grid, in a warm worker; returns the seconds it took there (config,
+    data, peers, rounds, summary: everything but the worker's own start)."""
     from .hosting import run_experiment
 
+    t = time.perf_counter()
     cfg = config_mod.load(experiment, overrides)
     path = Path(out)
     if path.exists():  # an interrupted run of an earlier sweep: it starts over
         shutil.rmtree(path)
     run_experiment(cfg, path)
-    return out
+    return time.perf_counter() - t
 
 
 def run_sweep(
@@ -141,6 +146,8 @@ def run_sweep(
     on_run: Callable[[RunSpec, str], None] | None = None,
 ) -> list[Path]:
     """Run every spec not done yet under ``out``; return every run directory of the grid.
+
+    ``out/sweep.json`` records, per finished run, the seconds it took in its worker.
 
     ``parallel`` runs at once, each in a warm worker process that takes one run after
     another. ``on_progress`` is called about twice a second with each run directory
@@ -155,6 +162,11 @@ def run_sweep(
     if not todo:
         return dirs
     errors = []
+    record: dict[str, dict] = {}
+    try:
+        record = json.loads((out / "sweep.json").read_text())["runs"]
+    except (OSError, ValueError, KeyError):
+        pass
     ctx = mp.get_context("spawn")
     threads = config_mod.load(experiment, todo[0][0].overrides).compute.threads
     with cf.ProcessPoolExecutor(max_workers=max(1, min(parallel, len(todo))), mp_context=ctx,
@@ -174,6 +186,9 @@ def run_sweep(
                     exc = f.exception()
                     if exc is not None:
                         errors.append(f"{s.name}: {exc}")
+                    else:
+                        record[s.name] = {"seconds": f.result(), "finished_at": time.time()}
+                        write_json_atomic(out / "sweep.json", {"experiment": experiment, "runs": record})
                     if on_run is not None:
                         on_run(s, "done" if exc is None else f"failed: {exc}")
         except BaseException:  # Ctrl-C reaches the workers too: their runs end with partial results
