@@ -27,6 +27,7 @@ import zmq
 import zmq.asyncio
 
 from . import models
+from .allocator import tune_for_hosting
 from .compute import ComputeThread
 from .config import ConfigError, ExperimentConfig
 from .data import LabelPermutation, LabelShift, Partition, Rotation, load_dataset
@@ -224,6 +225,7 @@ async def host_peers(
     heal, join, rejoin) is applied here to the peers this process hosts.  A ``keyring``
     makes them CURVE peers (a roster with ``security = "curve"``).
     """
+    tune_for_hosting()
     torch.set_num_threads(cfg.compute.threads)
     part = part if part is not None else build_partition(cfg)
     links = None if cfg.links.is_ideal else Links(cfg.links, cfg.peers, cfg.seed)

@@ -65,6 +65,7 @@ import zmq
 import zmq.asyncio
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .allocator import tune_for_hosting
 from .links import Links, NetworkEmulation
 from .transport import Transport, TransportConfig, make_directory, preflight
 from .wire import ModelPayload, schema_of
@@ -241,6 +242,7 @@ async def host_share(
     barrier_timeout_s: float = 600.0,
 ) -> dict[str, Any]:
     """Host the stress peers ``ids`` of ``directory``; return this process's figures."""
+    tune_for_hosting()
     ctx = zmq.asyncio.Context()
     transports: dict[int, Transport] = {}
     try:
