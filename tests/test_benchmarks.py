@@ -62,7 +62,7 @@ def test_stress_benchmark_reports_each_part():
     line = run_quick("stress")
     for part in ("vs_raw", "emulator", "many", "dac"):
         assert line[part], part
-    found = line["foundation"]  # the comparison: stress vs the foundation's raw limit
+    found = line["foundation"]  # the target's comparison: stress vs the foundation's raw limit
     assert found["stress_vs_foundation_raw"] > 0 and found["stress_links_on_vs_foundation_raw"] > 0
 
 
