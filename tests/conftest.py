@@ -174,7 +174,7 @@ def sctx():
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():  # type: ignore[no-untyped-def]
-    """Small tensors on a shared 2-core machine: extra torch threads only contend.
+    """Small tensors on a shared machine with few cores: extra torch threads only contend.
     (Runs set their own threads per process; this keeps in-process tests comparable.)"""
     import torch
 

@@ -130,8 +130,8 @@ def test_planned_delays_follow_the_configured_distribution(latency, expected):
 def test_real_pulls_are_delayed_by_the_configured_distribution(dist, actx, run_async):
     """200 pulls (40 pullers x 5, after one warm-up pull each that also connects) whose
     requests cross a delayed link while the replies are ideal: a pull's latency is its
-    request's delay plus the transport's own cost (~1 ms idle, a few ms when 40 pulls wake
-    at once on a busy 2-core machine).
+    request's delay plus the transport's own cost (small when idle, larger when 40 pulls wake
+    at once on a busy machine).
 
     Measured quantiles sit just above those of the delays the emulator drew for these very
     requests (so no request waited for another), and those draws follow the configured

@@ -164,8 +164,8 @@ class ExperimentConfig(_Strict):
         if self.schedule == "sequential" and self.compute.processes > 1:
             raise ValueError("schedule 'sequential' runs in one process: set compute.processes = 1")
         if self.network.pool_size is None:
-            # Small networks: no socket is ever closed and reopened (that churn cost ~20% of
-            # the event loop of 20 DAC peers); large ones: a bounded number per peer.
+            # Small networks: no socket is ever closed and reopened (a reconnect per pull is
+            # a large share of the event loop's work); large ones: a bounded number per peer.
             self.network.pool_size = self.peers - 1 if self.peers <= FULL_POOL_UP_TO else SMALL_POOL
         if self.compute.processes > 1 and self.network.transport == "inproc":
             self.network.transport = "ipc"
