@@ -118,6 +118,7 @@ def main() -> None:
         "preset": args.preset,
         "quick": args.quick,
         "client_round_compute_ms": round(1e3 * per_round, 1),
+        "reference_rate": REFERENCE_RATE,
         "runs": [{"schedule": r["schedule"], "processes": r["processes"], "rate": round(r["steady_rate"], 3),
                   "x_reference": round(r["steady_rate"] / REFERENCE_RATE, 3),
                   "x_compute_limit": round(r["steady_rate"] / r["limit_rate"], 3),
