@@ -222,9 +222,12 @@ def render(records: list[dict[str, Any]], quick: bool, regenerate: str) -> str:
         "measures, and how, is in the docstring of its script in `benchmarks/`.",
         "",
     ]
-    if quick:
+    if quick and all(rec.get("quick") for rec in records):
         out += ["**Quick figures**: each benchmark's `--quick` variant, a check that the scripts run.",
                 "They are too short to say anything about speed; run the script without `--quick`.", ""]
+    elif any(rec.get("quick") for rec in records):
+        out += ["**Rows whose command ends in `--quick` are quick figures**: a check that the script",
+                "runs, too short to say anything about speed. The other rows are full measurements.", ""]
     out += ["| figure | value | baseline | ratio | target | command | date | machine |",
             "|---|---:|---:|---:|---:|---|---|---|"]
     for rec in records:
@@ -267,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.reuse:
         records = [json.loads(ln) for ln in args.reuse.read_text().splitlines() if ln.strip()]
         records = [r for r in records if r["benchmark"] in names]
-        quick = any(r.get("quick") for r in records)
+        quick = all(r.get("quick") for r in records)
     else:
         quick = args.quick
         args.lines.parent.mkdir(parents=True, exist_ok=True)
@@ -278,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
                 records.append(run_one(name, quick, args.timeout, where))
                 f.write(json.dumps(records[-1]) + "\n")
                 f.flush()
+    records.sort(key=lambda r: BENCHMARKS.index(r["benchmark"]))  # the document's order, whatever ran first
     regenerate = "python benchmarks/performance.py" + (" --quick" if quick else "")
     text = render(records, quick, regenerate)
     args.doc.parent.mkdir(parents=True, exist_ok=True)
