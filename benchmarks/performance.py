@@ -242,6 +242,9 @@ def render(records: list[dict[str, Any]], quick: bool, regenerate: str) -> str:
         out += ["", "Benchmarks that gave no figures in this run:", ""]
         out += [f"- `{rec['command']}`: {rec['error'].strip().splitlines()[-1] if rec['error'].strip() else 'failed'}"
                 for rec in failed]
+    missing = [b for b in BENCHMARKS if b not in {rec["benchmark"] for rec in records}]
+    if missing:
+        out += ["", "Not in this run: " + ", ".join(f"`python benchmarks/bench_{b}.py`" for b in missing) + "."]
     out += ["", "✓ / ✗: the ratio meets / misses its target. load: the 1-minute load average when the",
             "benchmark started (other jobs on the machine skew rates, less so ratios).", ""]
     machines = {json.dumps(rec["machine"], sort_keys=True): rec["machine"] for rec in records}
