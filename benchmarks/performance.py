@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         status = rec.get("error", "").strip().splitlines()[-1:] or [f"{len(rows_of(rec))} figures"]
         print(f"{rec['benchmark']}: {status[0]} ({rec.get('seconds', 0):.0f} s)", file=sys.stderr)
     failed = [rec["benchmark"] for rec in records if "error" in rec]
-    print(json.dumps({"bench": "performance", "quick": quick, "doc": str(args.doc), "lines": str(args.lines),
+    print(json.dumps({"bench": "performance", "quick": quick, "doc": str(args.doc), "lines": str(args.reuse or args.lines),
                       "rows": sum(len(rows_of(r)) for r in records), "failed": failed}))
     return 1 if failed else 0
 
