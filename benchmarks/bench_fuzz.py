@@ -50,9 +50,13 @@ def experiment() -> config.ExperimentConfig:
     })
 
 
-def honest_puller(directory: dict, schema: dict, seconds: float, start: float, out) -> None:
-    """Another process: pull the victim every 20 ms from ``start`` (wall clock) for ``seconds``."""
+def honest_puller(directory: dict, schema: dict, seconds: float, ready, go, out) -> None:
+    """Another process: once started (its imports done), say ``ready``; then pull the victim
+    every 20 ms from the start time (wall clock) it is sent on ``go``, for ``seconds``."""
     import zmq.asyncio
+
+    ready.set()
+    start = go.get(timeout=600)
 
     async def main() -> list:
         ctx = zmq.asyncio.Context()
@@ -88,7 +92,7 @@ def main() -> None:
     directory = make_directory("tcp", range(cfg.peers))
     flooder = fuzz.Flooder(directory[VICTIM], seconds=phase, seed=1)
     spawn = mp.get_context("spawn")
-    out = spawn.Queue()
+    out, go, ready = spawn.Queue(), spawn.Queue(), spawn.Event()
     steps: list[float] = []
     figures: dict = {}
 
@@ -102,6 +106,7 @@ def main() -> None:
         victim = peers[VICTIM]
         stop = asyncio.Event()
         tasks = []
+        loop = asyncio.get_running_loop()
         try:
             for p in peers.values():
                 await p.transport.start()
@@ -109,22 +114,26 @@ def main() -> None:
                 await p.warmup()
             tasks = [asyncio.create_task(p.run(on_event, stop)) for p in peers.values()]
             schema = wire.schema_of(victim.model.state_dict())
-            start = time.time() + 4.0  # the honest puller's interpreter starts meanwhile
-            puller = spawn.Process(target=honest_puller, args=(dict(directory), schema, 3 * phase, start, out))
+            puller = spawn.Process(target=honest_puller, args=(dict(directory), schema, 3 * phase, ready, go, out))
             puller.start()
+            # The phases start once the puller's interpreter is up (its start-up time depends on
+            # the machine and its load): a phase without honest pulls would measure nothing.
+            if not await loop.run_in_executor(None, ready.wait, 600):
+                raise RuntimeError("the honest puller did not start within 600 s")
+            start = time.time() + 0.5
+            go.put(start)
             await asyncio.sleep(max(0.0, start - time.time()))
             c = victim.transport.counters
             marks = {"before": (time.time(), c.msgs_in, sum(c.refusals.values()))}
             await asyncio.sleep(phase)
             marks["flood"] = (time.time(), c.msgs_in, sum(c.refusals.values()))
             flooder.go()
-            loop = asyncio.get_running_loop()
             figures["flood"] = await loop.run_in_executor(None, flooder.result)
             marks["after"] = (time.time(), c.msgs_in, sum(c.refusals.values()))
             # Off the event loop: the flooder closes with a 10 s LINGER, and what it still has
-            # queued goes out only while the victim reads. Joining it on this loop stalled the
-            # victim (every peer of this process) until the linger ran out: no pull and no
-            # round in the "after" phase (its figures came out NaN).
+            # queued goes out only while the victim reads. Joining it on this loop would stall
+            # the victim (every peer of this process) until the linger ran out: no pull and no
+            # round in the "after" phase.
             releasing = loop.run_in_executor(None, flooder.release)
             await asyncio.sleep(max(0.0, start + 3 * phase - time.time()))
             marks["end"] = (time.time(), c.msgs_in, sum(c.refusals.values()))

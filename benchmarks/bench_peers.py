@@ -18,8 +18,8 @@ Per config it prints: peer-rounds per second of both (the runner from its first
 ``Peer.run`` entered to its last one left, so warm-up and the final evaluation are out),
 their ratio (``--repeats`` runner runs, 3 by default, each between two baseline segments
 of half its length, B R B R B R B: each run is compared with the segments beside it and
-the median ratio is the figure, so a machine drifting by 10-20% within a minute, as this
-shared one does, moves the figure less), the same in CPU time (process CPU per
+the median ratio is the figure, so a shared machine whose speed drifts within a minute
+moves the figure less), the same in CPU time (process CPU per
 peer-round, robust to other load on a shared machine; the event loop's share is the main
 thread's CPU time), and the share of the runner's whole wall time spent outside compute
 (1 - sum of the peers' ``compute_s`` / wall; ``compute_s`` is wall time inside the
@@ -67,7 +67,7 @@ class Setting:
 
 
 def settings(quick: bool) -> dict[str, tuple[Setting, int]]:
-    """Each config and its rounds; sized for ~20-40 s a config on one quiet core (--quick: a few seconds)."""
+    """Each config and its rounds; sized for tens of seconds a config on one quiet core (--quick: a few seconds)."""
     common = {"method": "dac", "schedule": "async", "peers": 20, "seed": 0,
               "policy": {"n": 5, "tau": 30.0}, "compute": {"threads": 1, "processes": 1},
               "network": {"transport": "inproc"}}
@@ -246,8 +246,8 @@ class PlainLoop:
 def bench(setting: Setting, rounds: int, profile: bool, repeats: int) -> dict:
     """``repeats`` runner runs, each between two baseline segments of half its peer-rounds
     (B R B R ... B): each run's ratio is to the mean rate of the two segments around it,
-    the figure is the median of those ratios (a shared machine drifts by 10-20% within a
-    minute here; one run against one baseline read that drift as a result)."""
+    the figure is the median of those ratios (a shared machine's speed drifts within a
+    minute; one run against one baseline would read that drift as a result)."""
     cfg = setting.cfg(rounds)
     torch.set_num_threads(1)
     base = PlainLoop(cfg)

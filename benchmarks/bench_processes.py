@@ -1,7 +1,7 @@
 """Throughput of one async run hosted by 1 process vs spread over worker processes.
 
 Runs the same bundled label-shift preset (default ``label-mnist``: 20 peers, CNN28 on
-bundled MNIST, scaled down to 10 rounds, about 30 s per run on 2 quiet cores) through
+bundled MNIST, scaled down to 10 rounds, tens of seconds per run) through
 the real CLI, ``zmqgossip run PRESET --processes P``, once per P (default 1 then 2), one
 torch thread per process, and measures peer-rounds per second two ways:
 
@@ -207,7 +207,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--quick", action="store_true", help="a tiny run (label-digits, 3 rounds): checks the script, not the speed")
     ap.add_argument("--preset", default="label-mnist", help="bundled label-shift preset (default label-mnist)")
-    ap.add_argument("--rounds", type=int, default=10, help="rounds per peer (default 10: ~30 s per run on 2 quiet cores)")
+    ap.add_argument("--rounds", type=int, default=10, help="rounds per peer (default 10: tens of seconds per run)")
     ap.add_argument("--processes", default="1,2", help="comma-separated process counts; the first is the baseline")
     ap.add_argument("--repeat", type=int, default=1, help="run the whole sequence this many times (medians are reported)")
     ap.add_argument("--set", dest="set_", action="append", default=[], help="extra --set overrides for every run")

@@ -1,8 +1,8 @@
 """Client-rounds per second on the reference code's setting (``ref-covariate-mnist``).
 
 The DAC paper's reference code, run on this kind of machine on this setting (20 clients,
-CNN28, E=3, batch 8, n=3, 20 rounds), does 4.9 client-rounds/s (4.05 s per round; figure
-from the issue, measured once with that code: it is not in this repository). This script
+CNN28, E=3, batch 8, n=3, 20 rounds), does 4.9 client-rounds/s (4.05 s per round; a fixed
+figure, measured once with that code, which is not part of this repository). This script
 runs the real CLI on the same setting:
 
 * ``sequential``, one process: the reference code's schedule (serial by definition);
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, json_line, table  # noqa: E402
 from bench_processes import load1, one_run  # noqa: E402
 
-REFERENCE_RATE = 4.9  # client-rounds/s of the paper's code on this setting (the issue's anchor)
+REFERENCE_RATE = 4.9  # client-rounds/s of the paper's code on this setting (fixed: that code is not here)
 
 
 def compute_limit(preset: str, overrides: list[str], reps: int) -> float:
@@ -113,11 +113,12 @@ def main() -> None:
     print()
     print(table(headers, [[("-" if v is None else v) for v in row] for row in rows]))
     print(f"compute limit: one client-round's arithmetic takes {1e3 * per_round:.0f} ms on one core here now "
-          f"({1 / per_round:.2f}/s per core); the reference's 4.9/s is a fixed figure from the issue")
+          f"({1 / per_round:.2f}/s per core); the reference's 4.9/s is a fixed figure, not measured here")
     json_line("reference", {
         "preset": args.preset,
         "quick": args.quick,
         "client_round_compute_ms": round(1e3 * per_round, 1),
+        "reference_rate": REFERENCE_RATE,
         "runs": [{"schedule": r["schedule"], "processes": r["processes"], "rate": round(r["steady_rate"], 3),
                   "x_reference": round(r["steady_rate"] / REFERENCE_RATE, 3),
                   "x_compute_limit": round(r["steady_rate"] / r["limit_rate"], 3),

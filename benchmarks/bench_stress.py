@@ -6,9 +6,9 @@
     pyzmq engine (one blocking ``zmq.Poller`` loop per process over plain ROUTER inboxes and
     DEALER sockets, request/reply of the same frames as pre-built ZeroMQ messages
     (``prepared_frames``, as the Transport sends them), no decoding).
-    Ratio = stress pulls/s / raw pulls/s: a stricter comparison than the issue asks for (the
+    Ratio = stress pulls/s / raw pulls/s: a stricter comparison than the target's (the
     raw engine has the same concurrency as stress and never reads what it receives).
-    The issue's target, >= 0.8 for 0.25 MB payloads, is against the foundation benchmark's
+    The target, >= 0.8 for 0.25 MB payloads, is against the foundation benchmark's
     raw limit (bench_transport: raw pyzmq request/reply, ipc between two processes, measured
     here in the same run): stress over the same link with the same bytes and zero-delay
     links, as a user runs it (the emulator steps aside) and with the emulator consulted on

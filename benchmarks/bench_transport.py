@@ -25,8 +25,8 @@ pull / floor+, the median over rounds of the pull slice's rate over the floor+ s
 Reported: pulls/s, GB/s of model bytes, p50/p99 latency over all rounds, and the ratio
 to raw of pulls per second: each side runs in 20 short slices, each slice between two
 raw slices (raw | pull floor floor+ | raw | ...) and compared with their mean rate, and
-the figure is the median over the slices (this host's speed moves by tens of percent
-within a second; fewer, longer slices read that as a result). Target for pull >= 0.8
+the figure is the median over the slices (a shared host's speed can move by tens of
+percent within a second; fewer, longer slices would read that as a result). Target for pull >= 0.8
 for both sizes on ipc between two processes. Timing is never asserted.
 
 Usage: python benchmarks/bench_transport.py [--quick] [--seconds S]

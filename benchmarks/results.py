@@ -262,7 +262,7 @@ def main() -> None:
                       if seq and setting.options and not args.quick else []), "",
                     compare_markdown(dirs), ""]
             if setting.focus:
-                doc += [f"The {setting.focus} cluster's own pulls (the share the issue's target and the "
+                doc += [f"The {setting.focus} cluster's own pulls (the share the project's 0.8 target and the "
                         "reference's 0.54-0.60 refer to):", "", _focus_table(dirs_by_method, setting.focus), ""]
             for metric, what in (("val_acc", "validation accuracy"), ("within", "within-cluster pull fraction")):
                 img = img_dir / f"results-s{si}-{cond.name}-{metric.replace('_', '-')}.png"

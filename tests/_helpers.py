@@ -10,10 +10,13 @@ import shutil
 import signal
 import struct
 import sys
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from zmqgossip.transport import Transport
 
 
 def toml_value(v: Any) -> str:
@@ -126,3 +129,21 @@ def tiny_experiment(**over: Any) -> dict[str, Any]:
         "policy": {"n": 3},
     }
     return with_overrides(raw, over)
+
+
+# Transports over real sockets (a test's event loop and ZeroMQ context).
+
+
+async def started(ctx: Any, directory: Mapping[int, str], ids: Iterable[int], **kw: Any) -> dict[int, Transport]:
+    """A started (bound) ``Transport`` per id of ``directory``; ``kw`` go to each one
+    (``config``, ``links``, ``expect``, ...)."""
+    ts = {p: Transport(ctx, p, directory, **kw) for p in ids}
+    for t in ts.values():
+        await t.start()
+    return ts
+
+
+async def close_all(ts: Mapping[int, Transport] | Iterable[Transport]) -> None:
+    """Close every transport (a dict of them, as ``started`` returns, or any iterable)."""
+    for t in ts.values() if isinstance(ts, Mapping) else ts:
+        await t.close()

@@ -1,14 +1,18 @@
-"""Every benchmark's small variant runs to the end and prints its figures.
+"""Every benchmark's small variant runs to the end and prints its figures, and
+docs/PERFORMANCE.md's script renders them.
 
 The benchmarks are how speed is measured (ratios to a baseline taken in the same run);
-these runs keep them working as the code changes. They check that each one finishes and
-ends with its JSON line of finite figures, never how fast anything was.
+these runs keep them working as the code changes. ``benchmarks/performance.py --quick``
+runs each benchmark's ``--quick`` variant once for the whole module, as it does to
+regenerate docs/PERFORMANCE.md; each test then checks that its benchmark finished and
+ended with its JSON line of finite figures, never how fast anything was.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +21,9 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+PERFORMANCE = ROOT / "benchmarks" / "performance.py"
+
+pytestmark = pytest.mark.timeout(3600)  # the first test waits for every quick benchmark
 
 
 def _nonfinite(x: Any, path: str = "") -> list[str]:
@@ -28,25 +35,39 @@ def _nonfinite(x: Any, path: str = "") -> list[str]:
     return [path] if isinstance(x, float) and not math.isfinite(x) else []
 
 
-def run_quick(name: str, *args: str) -> dict[str, Any]:
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / f"bench_{name}.py"), "--quick", *args],
-        capture_output=True, text=True, cwd=ROOT, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    line = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert line["benchmark"] == name and line["quick"] is True
-    assert not _nonfinite(line), f"non-finite figures: {_nonfinite(line)}"
-    return line
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One ``performance.py --quick`` run: its records by benchmark, the document, the paths."""
+    out = tmp_path_factory.mktemp("performance")
+    doc, lines = out / "PERFORMANCE.md", out / "lines.jsonl"
+    proc = subprocess.run([sys.executable, str(PERFORMANCE), "--quick", "--doc", str(doc), "--lines", str(lines)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=3500)
+    records = {r["benchmark"]: r for r in map(json.loads, lines.read_text().splitlines())}
+    return {"proc": proc, "records": records, "doc": doc, "lines": lines, "out": out}
 
 
-def test_wire_benchmark_compares_codec_with_memcpy():
+@pytest.fixture
+def run_quick(quick: dict[str, Any]):
+    """``run_quick(name)``: the JSON line benchmark ``name`` ended its --quick run with."""
+
+    def line_of(name: str) -> dict[str, Any]:
+        rec = quick["records"][name]
+        assert "error" not in rec, rec["error"]
+        line = rec["line"]
+        assert line["benchmark"] == name and line["quick"] is True
+        assert not _nonfinite(line), f"non-finite figures: {_nonfinite(line)}"
+        return line
+
+    return line_of
+
+
+def test_wire_benchmark_compares_codec_with_memcpy(run_quick):
     line = run_quick("wire")
     for size in ("0.25MB", "10MB"):
         assert line[size]["ratio_both_vs_memcpy"] > 0 and line[size]["memcpy_GBps"] > 0
 
 
-def test_transport_benchmark_measures_pulls_raw_and_the_asyncio_floor():
+def test_transport_benchmark_measures_pulls_raw_and_the_asyncio_floor(run_quick):
     line = run_quick("transport")
     for kind in ("inproc", "ipc", "tcp"):
         for size in ("0.25MB", "10MB"):
@@ -58,15 +79,15 @@ def test_transport_benchmark_measures_pulls_raw_and_the_asyncio_floor():
             assert r["ratio"] > 0 and r["floor_ratio"] > 0 and r["floor+_ratio"] > 0 and r["pull_vs_floor+"] > 0
 
 
-def test_stress_benchmark_reports_each_part():
+def test_stress_benchmark_reports_each_part(run_quick):
     line = run_quick("stress")
     for part in ("vs_raw", "emulator", "many", "dac"):
         assert line[part], part
-    found = line["foundation"]  # the issue's comparison: stress vs the foundation's raw limit
+    found = line["foundation"]  # the target's comparison: stress vs the foundation's raw limit
     assert found["stress_vs_foundation_raw"] > 0 and found["stress_links_on_vs_foundation_raw"] > 0
 
 
-def test_peers_benchmark_runs_both_configs_without_failed_pulls():
+def test_peers_benchmark_runs_both_configs_without_failed_pulls(run_quick):
     line = run_quick("peers")
     assert [c["config"] for c in line["configs"]] == ["mlp", "cnn"]
     for c in line["configs"]:
@@ -74,7 +95,7 @@ def test_peers_benchmark_runs_both_configs_without_failed_pulls():
         assert c["target_allows_cpu_ms_per_round"] > 0 and math.isfinite(c["extra_cpu_ms_per_round"])
 
 
-def test_learning_benchmark_scores_mnist_with_the_background_step():
+def test_learning_benchmark_scores_mnist_with_the_background_step(run_quick):
     line = run_quick("learning")
     for r in line["results"]:
         assert r["score_ms"] > 0 and r["train_ms"] > 0
@@ -82,7 +103,7 @@ def test_learning_benchmark_scores_mnist_with_the_background_step():
 
 
 @pytest.mark.parametrize("name", ["processes", "reference", "fuzz"])
-def test_other_benchmarks_finish_with_their_figures(name):
+def test_other_benchmarks_finish_with_their_figures(name, run_quick):
     line = run_quick(name)
     assert len(line) > 3
 
@@ -91,3 +112,27 @@ def test_sweep_benchmark_times_a_sweep_and_the_same_runs_one_by_one():
     line = run_quick("sweep")
     assert line["runs"] == 2 and line["sweep_wall_s"] > 0 and line["separate_wall_s"] > 0
     assert line["cold_rounds_s_median"] > 0 and line["cold_start_s_median"] > 0 and line["cold_end_s_median"] > 0
+
+
+def test_the_performance_document_has_a_row_per_figure_of_every_benchmark(quick):
+    assert quick["proc"].returncode == 0, quick["proc"].stderr[-3000:]
+    summary = json.loads(quick["proc"].stdout.strip().splitlines()[-1])
+    assert summary["bench"] == "performance" and summary["quick"] is True and summary["failed"] == []
+    text = quick["doc"].read_text()
+    assert "**Quick figures**" in text and "python benchmarks/performance.py --quick" in text
+    rows = [r for r in text.splitlines() if r.startswith("| ") and "`python benchmarks/bench_" in r]
+    for name in quick["records"]:
+        assert any(f"`python benchmarks/bench_{name}.py --quick`" in r for r in rows), name
+    assert len(rows) == summary["rows"]
+    for r in rows:
+        cells = [c.strip() for c in r.strip("|").split("|")]
+        assert len(cells) == 8, r
+        ratio = cells[3].split()[0]
+        assert ratio == "–" or math.isfinite(float(ratio.replace(",", ""))), r
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", cells[6]), r
+    # The same lines render the same document without running anything again.
+    again = quick["out"] / "again.md"
+    proc = subprocess.run([sys.executable, str(PERFORMANCE), "--reuse", str(quick["lines"]), "--doc", str(again)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert again.read_text() == text

@@ -158,10 +158,10 @@ def test_sequential_same_seed_same_numbers(tmp_path):
 
 
 def test_async_slow_peer_finishes_and_its_models_are_stale(tmp_path):
-    """Seen (6 peers, 3 runs): lag of pulls from the slow peer 2.1 (median 2), from fast
-    peers 0.3; age 0.09-0.29 s vs 0.04-0.13 s. The slow peer is only ~1.3x slower in wall
-    time, not 5x: all peers share one compute thread, and the slow one's extra time is
-    idle sleep that the others use (with 10 peers its lag drops to ~1.5)."""
+    """Pulls from the slow peer lag by about 2 versions, from the fast ones by well under 1.
+    The slow peer is far less than 5x slower in wall time: all peers share one compute
+    thread, and the slow one's extra time is idle sleep that the others use (with more
+    peers sharing the thread, its lag shrinks)."""
     peers, rounds = 6, 10
     cfg = make_cfg("random", peers=peers, rounds=rounds, schedule="async", compute={"slow_peers": [0], "slow_factor": 5.0})
     s = run(cfg, tmp_path)

@@ -1,8 +1,9 @@
 """Each policy rule on hand-made score tables: no sockets, no training.
 
-The DAC rules follow DESIGN.md, "DAC, as the reference code runs it": a ``Pulled`` list
-is what one update of client i sees, in draw order (peer, n_samples, loss of that peer's
-model on i's training data, that peer's published score row).
+The DAC rules are the seven steps of ``zmqgossip/policies/dac.py``'s docstring (DAC as the
+paper's reference code runs it): a ``Pulled`` list is what one update of client i sees, in
+draw order (peer, n_samples, loss of that peer's model on i's training data, that peer's
+published score row).
 """
 
 from __future__ import annotations

@@ -2,9 +2,8 @@
 
 Every run goes through the real console script (``zmqgossip run`` / ``zmqgossip worker``)
 in a subprocess, on tiny experiments written to ``tmp_path`` (bundled digits, 12 peers,
-MLP, one local epoch). A worker start costs an interpreter, torch and its first optimizer
-(about 5-10 s on a loaded 2-core machine), which dominates these tests' durations.
-Figures seen while writing are in the docstrings.
+MLP, one local epoch). A worker start costs an interpreter, torch and its first optimizer,
+which dominates these tests' durations.
 """
 
 from __future__ import annotations

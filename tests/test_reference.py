@@ -1,4 +1,5 @@
-"""DAC against a plain-numpy transcription of the reference rules (DESIGN.md).
+"""DAC against a plain-numpy transcription of the reference rules (the seven steps in
+``zmqgossip/policies/dac.py``'s docstring).
 
 A real sequential run (real sockets, real data) logs, for every update, the peers it drew
 and the losses it measured.  The transcription below replays those losses through the

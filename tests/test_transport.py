@@ -23,6 +23,8 @@ from zmqgossip import wire
 from zmqgossip.transport import Transport, TransportConfig, TransportError, make_directory
 from zmqgossip.wire import Kind, ModelPayload, SnapshotMemory, schema_of
 
+from _helpers import close_all, started
+
 KINDS = ["inproc", "ipc", "tcp"]
 SLACK_S = 0.5  # what a timeout may overrun by on a loaded 2-core machine
 
@@ -72,18 +74,6 @@ def directory_of():
     yield make
     for base in made:
         shutil.rmtree(base, ignore_errors=True)
-
-
-async def started(ctx, directory, ids, **kw) -> dict[int, Transport]:
-    ts = {p: Transport(ctx, p, directory, **kw) for p in ids}
-    for t in ts.values():
-        await t.start()
-    return ts
-
-
-async def close_all(ts) -> None:
-    for t in ts.values() if isinstance(ts, dict) else ts:
-        await t.close()
 
 
 # --------------------------------------------------------------------------- one process

@@ -1,8 +1,7 @@
-"""zmqgossip: asynchronous peer-to-peer personalized learning (DAC) over ZeroMQ."""
+"""zmqgossip: asynchronous peer-to-peer personalized learning (DAC) over ZeroMQ.
 
-from . import allocator
-
-#: which memory settings took effect in this process (see allocator.py)
-MEMORY = allocator.tune()
+Importing the package has no side effects: the process's memory settings are tuned only
+where peers are hosted (see ``allocator.tune_for_hosting``).
+"""
 
 __version__ = "0.1.0"

@@ -1,14 +1,17 @@
-"""Memory settings for a process that moves models all day.
+"""Memory settings for a process that hosts peers (they move models all day).
 
 Every pull allocates and frees message buffers of the model's size (libzmq's receive
 buffer, an inproc reply's copy, a snapshot). With glibc's defaults, a buffer of 128 KiB or
 more is a fresh ``mmap`` that the kernel must fault in page by page and that ``free``
-unmaps again: for 256 KiB pulls that churn was more than half the CPU of a pull. Keeping
-such buffers in the heap (and not trimming it below a bound) reuses memory that is already
-mapped. Large torch tensors go on transparent huge pages for the same reason (fewer TLB
-misses when copying and checking big models).
+unmaps again, so a pull's CPU goes to page faults. Keeping such buffers in the heap (and
+not trimming it below a bound) reuses memory that is already mapped. Large torch tensors
+go on transparent huge pages for the same reason (fewer TLB misses when copying and
+checking big models).
 
-Applied once when zmqgossip is imported (see ``__init__``); settings the user made through
+Importing zmqgossip changes nothing: a program that only reads configs, runs the CLI's
+help or uses the wire codec keeps its allocator as it was. :func:`tune_for_hosting` is
+called where peers are hosted (``runner.host_peers``, ``stress.host_share``) and by the
+commands that host them, before torch allocates anything. Settings the user made through
 the environment win. Only glibc is tuned; other C libraries are left as they are.
 """
 
@@ -24,9 +27,14 @@ TRIM_THRESHOLD = 128 * 1024 * 1024  # free heap memory kept for reuse before ret
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters from <malloc.h>
 
 
-def tune() -> dict[str, bool]:
-    """Apply the settings to this process; say which took effect."""
-    # torch reads this at its first allocation, so it only counts before torch is imported.
+def tune_for_hosting() -> dict[str, bool]:
+    """Apply the settings to this process; say which are in force. Idempotent.
+
+    ``torch_thp``: huge pages for large tensors. torch reads the variable at its first
+    allocation, so it counts in this process only if torch has allocated nothing yet, and
+    in every worker process started after this call (they inherit the environment).
+    ``malloc``: glibc keeps message-sized buffers in the heap from now on.
+    """
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     done = {"torch_thp": os.environ["THP_MEM_ALLOC_ENABLE"] == "1", "malloc": False}
     if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:

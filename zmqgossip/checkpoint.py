@@ -13,9 +13,9 @@ intact, and a reader sees a whole file or the old one.
 
 Only a ``durable`` save is flushed to the disk (fsync) before the rename. A peer's periodic
 checkpoints are not: they are there for a peer process that dies (``kill -9``, a crashed
-worker), and the kernel keeps what a dead process wrote. Syncing each one cost ~0.5 ms of
-I/O wait per save here (1.7 vs 1.2 ms for a digits-MLP peer), time the compute thread
-stood still. After an OS crash or power loss the newest periodic checkpoint can be missing
+worker), and the kernel keeps what a dead process wrote. Syncing each one would add a
+disk flush to every save, I/O wait during which the compute thread stands still (saves
+are frequent and small). After an OS crash or power loss the newest periodic checkpoint can be missing
 or torn; loading a torn one fails with a :class:`CheckpointError` that names the file.
 """
 

@@ -1,7 +1,7 @@
 """Experiment configuration: pydantic models, validated on load with clear errors.
 
-An experiment is a TOML file (or a preset name, see ``launch/`` and
-``zmqgossip/presets``).  Every key is documented in the field descriptions below and
+An experiment is a TOML file or the name of a preset (the repository's ``launch/``
+folder, installed as ``zmqgossip/presets``; see :func:`preset_dirs`).  Every key is documented in the field descriptions below and
 unknown keys are refused, so a typo never silently falls back to a default.
 """
 
@@ -218,8 +218,11 @@ def validate(
 
 
 def preset_dirs() -> list[Path]:
-    """Where preset names are looked up: the project's launch/ folder, then ./launch."""
-    dirs = [Path(__file__).resolve().parent.parent / "launch", Path.cwd() / "launch"]
+    """Where preset names are looked up, first match wins: the presets that ship (the
+    installed package's ``presets`` folder, or ``launch/`` in a source checkout, which
+    setup.py installs as that folder), then ./launch for the user's own."""
+    here = Path(__file__).resolve().parent
+    dirs = [here / "presets", here.parent / "launch", Path.cwd() / "launch"]
     return list(dict.fromkeys(d for d in dirs if d.is_dir()))
 
 

@@ -2,9 +2,8 @@
 
 A process that hosts peers holds a large, long-lived heap (torch and numpy, the data
 set, models, sockets). Python's collector now and then runs a full collection over all
-of it: ~0.13 s with 20 digits-MLP peers in one process here, during which no peer of the
-process serves a pull or trains (one such pause in one run of four of ``bench_peers``,
-0.2 ms per peer-round on average). While the peers run, what exists at their start is
+of it, and the pause grows with the heap: while it lasts no peer of the process serves a
+pull or trains. While the peers run, what exists at their start is
 frozen out of the collector (``gc.freeze``: none of it becomes garbage before the run
 ends), so a full collection only looks at what the rounds made. Undone at the end.
 

@@ -18,9 +18,9 @@ from torch import nn
 __all__ = ["train", "mean_loss", "accuracy", "evaluate", "weighted_average", "Checkpoint", "EVAL_BATCH"]
 
 #: Samples per forward pass when evaluating (a client's 400 training samples: 4 passes).
-#: Measured on CPU (CNN28/CNN32, 1 thread): passes of 100 cost the same per sample as
-#: one pass of 400, but a pass of 400 makes glibc hand its ~17 MB activations back to
-#: the OS and fault them in again each time (~8,000 page faults, up to 2x slower).
+#: On CPU (CNN28/CNN32, 1 thread) passes of 100 cost the same per sample as one pass of
+#: 400, but a pass of 400 has activations (~17 MB) big enough that glibc hands them back
+#: to the OS after each pass and the next pass faults them in again, page by page.
 EVAL_BATCH = 100
 
 
@@ -37,7 +37,7 @@ def _adam(model: nn.Module, lr: float) -> torch.optim.Adam:
     """A fresh Adam; the fused CPU kernel (torch >= 2.4) if it applies, else foreach.
 
     At batch 8 the optimizer step is a sizeable part of a training step: fused Adam
-    is one kernel for all parameters (about 15% faster per epoch than the default here).
+    is one kernel for all parameters instead of several per parameter tensor.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     try:

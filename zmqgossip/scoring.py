@@ -48,11 +48,12 @@ class _CNN28Patches:
     """
 
     SIDE = 12  # pooled conv1 outputs that conv2 + its pool read, per side
-    # Samples per batch: half the per-op overhead of batches of 100, intermediates still
-    # within L3 (7.4 MB for conv1's four phases). 5-8% faster than 100 here; 400 is slower.
+    # Samples per batch: half the per-op overhead of batches of 100, while the intermediates
+    # (7.4 MB for conv1's four phases) still fit in a typical L3 cache; larger ones do not.
     BATCH = 200
-    # The background path when at least this share of the windows is background: its gather
-    # costs ~0.1 ms a batch of 200, the product and pooling of all its windows ~1.5 ms.
+    # The background path when at least this share of the windows is background: gathering
+    # the other windows costs a small fraction of computing them all, so it pays well before
+    # this share; below it the saving is too small to be worth a second code path.
     MIN_BACKGROUND = 0.25
 
     def __init__(self, x: torch.Tensor, batch: int = BATCH, skip_background: bool = True) -> None:
@@ -141,7 +142,8 @@ class _CNN28Patches:
         h = F.conv2d(h, state["features.3.weight"], state["features.3.bias"])  # n, 32, 10, 10
         v = h.permute(0, 2, 3, 1)  # NHWC view
         v = v.reshape(n, (s - 2) // 2, 2, (s - 2) // 2, 2, v.shape[-1])
-        # 2x2 max-pool as the maximum of four strided views: ~2x faster than max_pool2d here
+        # 2x2 max-pool as the maximum of four strided views: plain elementwise kernels on the
+        # NHWC layout, cheaper than max_pool2d's general path
         p = torch.maximum(torch.maximum(v[:, :, 0, :, 0], v[:, :, 0, :, 1]), torch.maximum(v[:, :, 1, :, 0], v[:, :, 1, :, 1]))
         p.relu_()
         h = F.linear(p.reshape(n, -1), fc1_hwc, state["classifier.1.bias"]).relu_()  # (H, W, C) order

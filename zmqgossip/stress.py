@@ -65,12 +65,13 @@ import zmq
 import zmq.asyncio
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
-from .hosting.endpoints import remove_ipc
+from .allocator import tune_for_hosting
+from .config import NetworkConfig
 from .hosting import liveness
+from .hosting.endpoints import remove_ipc
 from .hosting.scenario import drive_timed
 from .hosting.workers import SpawnedWorkers, split_peers
 from .metrics import write_json_atomic
-from .config import NetworkConfig
 from .links import Links, NetworkEmulation
 from .transport import Transport, TransportConfig, make_directory, preflight
 from .wire import ModelPayload, schema_of
@@ -309,6 +310,7 @@ async def host_share(
     before anyone pulls, every host has warmed up before the measurement starts, and each
     host keeps serving until every other is done pulling.
     """
+    tune_for_hosting()
     ctx = zmq.asyncio.Context()
     stress_peers: dict[int, StressPeer] = {}
     try:

@@ -27,6 +27,9 @@ def run(
     report: bool = typer.Option(True, help="write the report plots at the end"),
 ) -> None:
     """Run an experiment and print its result table."""
+    from ..allocator import tune_for_hosting
+
+    tune_for_hosting()  # this process hosts peers (or starts workers that do); before torch allocates
     # Imported here, not at the top: torch loads only when a command needs it.
     from ..data import DataError
     from ..hosting import Place, RosterHosts, build_partition, check_model, default_place, run_experiment

@@ -129,6 +129,9 @@ def stress(
     out_dir: Path = typer.Option(Path("stress-out"), "--out", help="sweep: where sweep.csv and sweep.png go"),
 ) -> None:
     """Stress the transport: peers pull random tensors from each other; print a table and one JSON line."""
+    from ..allocator import tune_for_hosting
+
+    tune_for_hosting()  # this process hosts peers (or starts workers that do); before torch allocates
     from ..stress import StressConfig, StressError, run_stress, run_sweep
     from ..transport import TransportError
 

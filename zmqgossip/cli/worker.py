@@ -22,6 +22,9 @@ def worker(
     """Run this host's peers of a roster (start one worker on every host)."""
     import asyncio
 
+    from ..allocator import tune_for_hosting
+
+    tune_for_hosting()  # this process hosts peers (or starts workers that do); before torch allocates
     # Imported here, not at the top: torch loads only when a command needs it.
     from ..data import DataError
     from ..metrics import RunDir, summarize

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from ..allocator import tune_for_hosting
 from ..config import ExperimentConfig
 from ..data import Partition
 from ..heap import long_lived_heap
@@ -44,6 +45,7 @@ async def host_peers(
     ``keyring`` makes them CURVE peers (a roster with ``security = "curve"``). With
     ``resume``, peers restart from their checkpoints and finished peers only serve.
     """
+    tune_for_hosting()
     torch.set_num_threads(cfg.compute.threads)
     part = part if part is not None else build_partition(cfg)
     links = None if cfg.links.is_ideal else Links(cfg.links, cfg.peers, cfg.seed)

@@ -2,9 +2,9 @@
 
 DAC draws its n peers with ``rng.choice(m, size=n, replace=False, p=p)``, as the paper's
 reference code does. numpy answers that with a loop of array calls (``cumsum``,
-``searchsorted``, ``unique`` per pass, one pass per new peer when p is peaked): ~0.1-0.2 ms
-per draw for 20 peers, on the event loop of every peer-round. This is the same algorithm
-on Python lists, 5-10x faster at these sizes. It consumes the generator exactly as numpy
+``searchsorted``, ``unique`` per pass, one pass per new peer when p is peaked), each with
+a fixed per-call cost that dominates at a few dozen peers, on the event loop of every
+peer-round. This is the same algorithm on Python lists, which has no such cost. It consumes the generator exactly as numpy
 does (the same ``rng.random`` calls) and returns the same indices in the same order, so
 seeded runs stay bit-identical; ``tests/test_policies.py`` checks that against numpy.
 """
