@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHMARKS = ["wire", "transport", "stress", "peers", "processes", "reference", "learning", "fuzz"]
+BENCHMARKS = ["wire", "transport", "stress", "peers", "processes", "reference", "learning", "fuzz", "sweep"]
 
 
 @dataclass(frozen=True)
@@ -132,6 +132,14 @@ def _fuzz(line: dict[str, Any]) -> Iterator[Row]:
               line["p99_ms_no_flood"], "p99 before the flood", line["p99_ratio_flood_vs_no_flood"])
 
 
+def _sweep(line: dict[str, Any]) -> Iterator[Row]:
+    grid = f"`{line['experiment']}`, {len(line['methods'])} methods x {len(line['seeds'])} seeds"
+    yield Row(f"a sweep of {grid} on {line['parallel']} warm workers", line["sweep_wall_s"], "s",
+              line["separate_wall_s"], "the same runs, one `zmqgossip run` each", line["speedup"], Target(1.25))
+    yield Row(f"a sweep's run: seconds outside its rounds ({grid}, median)", line["sweep_overhead_s_median"], "s",
+              line["cold_overhead_s_median"], "a cold `zmqgossip run`'s", None)
+
+
 def _sizes(line: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
     for key, r in line.items():
         if isinstance(r, dict) and "ratio_both_vs_memcpy" in r:
@@ -140,7 +148,7 @@ def _sizes(line: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
 
 ROWS: dict[str, Callable[[dict[str, Any]], Iterator[Row]]] = {
     "wire": _wire, "transport": _transport, "stress": _stress, "peers": _peers,
-    "processes": _processes, "reference": _reference, "learning": _learning, "fuzz": _fuzz,
+    "processes": _processes, "reference": _reference, "learning": _learning, "fuzz": _fuzz, "sweep": _sweep,
 }
 assert list(ROWS) == BENCHMARKS
 

@@ -108,7 +108,7 @@ def test_other_benchmarks_finish_with_their_figures(name, run_quick):
     assert len(line) > 3
 
 
-def test_sweep_benchmark_times_a_sweep_and_the_same_runs_one_by_one():
+def test_sweep_benchmark_times_a_sweep_and_the_same_runs_one_by_one(run_quick):
     line = run_quick("sweep")
     assert line["runs"] == 2 and line["sweep_wall_s"] > 0 and line["separate_wall_s"] > 0
     assert line["cold_rounds_s_median"] > 0 and line["cold_start_s_median"] > 0 and line["cold_end_s_median"] > 0
