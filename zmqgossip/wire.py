@@ -130,6 +130,16 @@ class Layout:
         return _pack(self.wire_table)
 
     @functools.cached_property
+    def end(self) -> int:
+        """Where the last tensor ends (the data frame may be padded after it)."""
+        return max((off + nb for *_, nb, off in self.entries), default=0)
+
+    @functools.cached_property
+    def body_tail(self) -> bytes:
+        """The last entry of a model body as senders pack it: the key and the table."""
+        return _TENSORS_KEY + self.table_bytes
+
+    @functools.cached_property
     def names(self) -> list[str]:
         return [e[0] for e in self.entries]
 
@@ -464,7 +474,7 @@ class ModelPayload:
         # tensor table packed once per layout. (A map of <= 15 entries has a one-byte
         # header, 0x80 | count.)
         head = _pack(fields)
-        body = bytes((head[0] + 1,)) + head[1:] + _TENSORS_KEY + layout.table_bytes
+        body = bytes((head[0] + 1,)) + head[1:] + layout.body_tail
         return cls((body, data), int(version), len(body) + data.nbytes)
 
     def reply(self, sender: int, request_id: int, kind: Kind = Kind.MODEL_REPLY) -> list[Frame]:
@@ -610,7 +620,13 @@ def _decode(
             msg.meta = body
         return msg
 
-    body = _unpack(frames[1], "body", limits.max_header_bytes)
+    layout = None
+    if kind is not Kind.ERROR_REPLY and isinstance(expect, Schema):
+        body = _known_table_body(frames[1], expect.layout, limits)
+        if body is not None:
+            layout = expect.layout
+    if layout is None:
+        body = _unpack(frames[1], "body", limits.max_header_bytes)
     if not isinstance(body, dict):
         raise WireError("garbage", "body must be a map")
 
@@ -631,12 +647,14 @@ def _decode(
     if not isinstance(meta, dict):
         raise WireError("field", "meta must be a map")
     msg.meta = meta
-    table = body.get("tensors")
+    table = body.get("tensors") if layout is None else expect.wire_table  # type: ignore[union-attr]
     if not isinstance(table, list):
         raise WireError("field", "tensor table missing or not a list")
     if len(table) > limits.max_tensors:
         raise WireError("too_large", f"{len(table)} tensors, bound is {limits.max_tensors}")
-    if isinstance(expect, Schema) and table == expect.wire_table:
+    if layout is not None:
+        pass  # the body ends with our model's canonical table, byte for byte
+    elif isinstance(expect, Schema) and table == expect.wire_table:
         layout = expect.layout  # the table is exactly our model's canonical one: valid
     else:
         layout = _validated_layout(table, limits)
@@ -657,6 +675,30 @@ def _decode(
     msg.tensors = dict(zip(layout.names, tensors))
     msg.nbytes = _buffer(frames[0]).nbytes + _buffer(frames[1]).nbytes + data.nbytes
     return msg
+
+
+def _known_table_body(frame: Frame, layout: Layout, limits: Limits) -> dict | None:
+    """The body's fields without unpacking its tensor table, when the body ends with our
+    own model's table exactly as a sender packs it (the common message); else None.
+
+    msgpack is a concatenation: a map of n entries whose last entry is ``"tensors": T`` is
+    the map header, n - 1 entries, then those bytes. If the bytes before that suffix parse
+    exactly as a map of n - 1 entries, the whole body parses as those entries plus the
+    known table (a later key wins, as in a full unpack). Anything else takes the full unpack.
+    """
+    mv = _buffer(frame)
+    tail = layout.body_tail
+    n = mv.nbytes - len(tail)
+    if n < 1 or mv.nbytes > limits.max_header_bytes or mv[n:] != tail:
+        return None
+    first = mv[0]
+    if not 0x81 <= first <= 0x8F:  # a fixmap of 1..15 entries: what senders write
+        return None
+    try:
+        fields = msgpack.unpackb(bytes((first - 1,)) + mv[1:n], raw=False, strict_map_key=True)
+    except Exception:  # noqa: BLE001  (the full unpack names what is wrong)
+        return None
+    return fields if isinstance(fields, dict) else None
 
 
 def _decode_scores(raw: Any) -> dict[int, float] | None:
@@ -728,7 +770,7 @@ def _check_extent(layout: Layout, have: int, limits: Limits) -> None:
     """The data frame holds every tensor and at most the padding after the last one."""
     if have > limits.max_bytes:
         raise WireError("too_large", f"data frame is {have} bytes, bound is {limits.max_bytes}")
-    end = max((off + nb for *_, nb, off in layout.entries), default=0)
+    end = layout.end
     if have < end:
         past = next(name for name, _, _, nb, off in layout.entries if off + nb > have)
         raise WireError("offset", f"tensor {past!r:.60} runs past the data frame ({have} bytes; the table needs {end})")
