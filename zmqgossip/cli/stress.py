@@ -130,7 +130,7 @@ def stress(
 ) -> None:
     """Stress the transport: peers pull random tensors from each other; print a table and one JSON line."""
     from ..stress import StressConfig, StressError, run_stress, run_sweep
-    from ..transport import TransportError
+    from ..net import TransportError
 
     link_raw = _links_table(links)
     quick = {k: v for k, v in (("latency_ms", latency_ms), ("jitter_ms", jitter_ms), ("loss", loss),
