@@ -575,6 +575,8 @@ def check_head(frames: Sequence[Frame], kinds: Sequence[Kind] | None = None) -> 
     reading anything else."""
     if not isinstance(frames, (list, tuple)) or not frames:
         raise WireError("frames", "empty message")
+    if len(frames) > 3:  # no kind has more: refused before any msgpack is read
+        raise WireError("frames", f"{len(frames)} frames; no message has more than 3")
     head = _unpack(frames[0], "head", 256)
     if not isinstance(head, list) or len(head) != 4:
         raise WireError("garbage", "head must be [version, kind, sender, request_id]")
