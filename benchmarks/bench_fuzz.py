@@ -50,16 +50,19 @@ def experiment() -> config.ExperimentConfig:
     })
 
 
-def honest_puller(directory: dict, schema: dict, seconds: float, start: float, out) -> None:
-    """Another process: pull the victim every 20 ms from ``start`` (wall clock) for ``seconds``."""
+def honest_puller(directory: dict, schema: dict, seconds: float, out, go) -> None:
+    """Another process: once ready, say so, wait for ``go``, then pull the victim every
+    20 ms for ``seconds``. (A fixed head start is not enough on a loaded host: importing
+    torch alone can take longer than a phase.)"""
     import zmq.asyncio
 
     async def main() -> list:
         ctx = zmq.asyncio.Context()
         t = Transport(ctx, HONEST_ID, directory, expect=schema, bind="tcp://127.0.0.1:0")
         rows = []
-        await asyncio.sleep(max(0.0, start - time.time()))
-        end = start + seconds
+        out.put("ready")
+        await asyncio.get_running_loop().run_in_executor(None, go.wait, 120)
+        end = time.time() + seconds
         try:
             while time.time() < end:
                 t0 = time.time()
@@ -109,16 +112,19 @@ def main() -> None:
                 await p.warmup()
             tasks = [asyncio.create_task(p.run(on_event, stop)) for p in peers.values()]
             schema = wire.schema_of(victim.model.state_dict())
-            start = time.time() + 4.0  # the honest puller's interpreter starts meanwhile
-            puller = spawn.Process(target=honest_puller, args=(dict(directory), schema, 3 * phase, start, out))
+            go = spawn.Event()
+            puller = spawn.Process(target=honest_puller, args=(dict(directory), schema, 3 * phase, out, go))
             puller.start()
-            await asyncio.sleep(max(0.0, start - time.time()))
+            loop = asyncio.get_running_loop()
+            ready = await loop.run_in_executor(None, lambda: out.get(timeout=120))
+            assert ready == "ready", ready
+            start = time.time()
+            go.set()
             c = victim.transport.counters
             marks = {"before": (time.time(), c.msgs_in, sum(c.refusals.values()))}
             await asyncio.sleep(phase)
             marks["flood"] = (time.time(), c.msgs_in, sum(c.refusals.values()))
             flooder.go()
-            loop = asyncio.get_running_loop()
             figures["flood"] = await loop.run_in_executor(None, flooder.result)
             marks["after"] = (time.time(), c.msgs_in, sum(c.refusals.values()))
             # Off the event loop: the flooder closes with a 10 s LINGER, and what it still has
