@@ -29,10 +29,6 @@ if TYPE_CHECKING:
     from ..security import CurveKeys
 
 SERVED = (Kind.PULL_REQUEST, Kind.PING)
-#: requests answered per readiness callback before the inbox yields the thread, and the
-#: pause after a full burst, as a fraction of the time the burst took
-BURST = 32
-PAUSE = 0.5
 
 
 class LinkModel(Protocol):
@@ -79,7 +75,6 @@ class Inbox:
         self._monitor_task: asyncio.Task | None = None
         self._delayed: dict[int, asyncio.TimerHandle] = {}  # replies the link emulator holds back
         self._delayed_seq = itertools.count()
-        self._resume: asyncio.TimerHandle | None = None  # set while serving pauses after a full burst
         self._closed = False
         # Over inproc a zero-copy reply hands the puller a view of my cached snapshot: a
         # puller that changed its tensors in place would change what I serve. Copy there.
@@ -140,9 +135,6 @@ class Inbox:
         for h in self._delayed.values():
             h.cancel()
         self._delayed.clear()
-        if self._resume is not None:
-            self._resume.cancel()
-            self._resume = None
         if self._monitor_task is not None:
             self._monitor_task.cancel()
             await asyncio.gather(self._monitor_task, return_exceptions=True)
@@ -205,19 +197,13 @@ class Inbox:
 
         ZeroMQ's descriptor is edge-triggered: it fires when the socket's state changes and
         is re-armed by reading ``EVENTS``, so the queue is drained until ``EVENTS`` says it
-        is empty. A burst is bounded (:data:`BURST` requests). After a full burst the inbox
-        pauses for :data:`PAUSE` of the time the burst took: under a flood it takes at most
-        about two thirds of this thread, the peer's own work (its pulls, its compute thread, which needs the
-        GIL) keeps the rest, and unread requests push back on their senders through
-        ZeroMQ's high-water mark. ZeroMQ reads connections in turn, so an honest puller's
-        request is among the first of each burst however many flooders there are.
+        is empty. A burst is bounded; the rest is answered after the loop's other work.
         """
         sync = self._sync
-        if self._closed or sync is None or self._resume is not None:
-            return  # paused: the timer resumes serving
-        t0 = time.perf_counter()
+        if self._closed or sync is None:
+            return
         try:
-            for _ in range(BURST):
+            for _ in range(256):
                 if not sync.getsockopt(EVENTS) & POLLIN:
                     return
                 self._handle(recv_now(sync))
@@ -226,11 +212,7 @@ class Inbox:
         except zmq.ZMQError:  # e.g. the context is terminating: nothing left to serve
             return
         assert self._loop is not None
-        self._resume = self._loop.call_later(PAUSE * (time.perf_counter() - t0), self._resume_serving)
-
-    def _resume_serving(self) -> None:
-        self._resume = None
-        self._on_ready()
+        self._loop.call_soon(self._on_ready)
 
     def _handle(self, frames: list) -> None:
         """Answer one request that reached the inbox."""
