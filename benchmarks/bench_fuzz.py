@@ -33,7 +33,7 @@ from _common import environment, json_line, pct, table
 
 from zmqgossip import config, fuzz, hosting, wire
 from zmqgossip.metrics import Event
-from zmqgossip.transport import Transport, make_directory
+from zmqgossip.net import Transport, make_directory
 
 VICTIM = 0
 HONEST_ID = 90

@@ -48,7 +48,7 @@ from _common import between, environment, json_line, table
 from zmqgossip import wire
 from zmqgossip.links import Latency, LinkProfile, Links, NetworkEmulation
 from zmqgossip.stress import StressConfig, fd_count, make_payloads, peak_rss_mb, run_stress
-from zmqgossip.transport import make_directory, preflight, prepared_frames, routing_id
+from zmqgossip.net import make_directory, preflight, prepared_frames, routing_id
 
 # ---------------------------------------------------------------------- (a) the raw engine
 
@@ -261,7 +261,7 @@ def bench_foundation(seconds: float, rounds: int) -> dict:
     host's speed can halve between one minute and the next."""
     import bench_transport as bt
 
-    from zmqgossip.transport import ipc_dir
+    from zmqgossip.net import ipc_dir
 
     base = ipc_dir("zgbs")
     ctx = mp.get_context("spawn")

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from zmqgossip.transport import Transport
+from zmqgossip.net import Transport
 
 
 def toml_value(v: Any) -> str:

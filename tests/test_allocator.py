@@ -74,7 +74,7 @@ def test_settings_the_user_made_in_the_environment_win():
 
 STRESS = (
     "import asyncio, resource\n"
-    "from zmqgossip import stress, transport as tp\n"
+    "from zmqgossip import net as tp, stress\n"
     "cfg = stress.StressConfig(peers=4, payload_kb=256, pulls=100, fanout=2, warmup_rounds=2)\n"
     "r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
     "r = asyncio.run(stress.host_share(cfg, list(range(4)), tp.make_directory('inproc', range(4))))\n"

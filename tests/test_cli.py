@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 
 from zmqgossip import config, report
 from zmqgossip.cli import app
-from zmqgossip.transport import free_tcp_ports
+from zmqgossip.net import free_tcp_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCH = ROOT / "launch"

@@ -26,7 +26,7 @@ import time
 import torch
 
 from zmqgossip import config, fuzz, hosting, wire
-from zmqgossip.transport import Transport, make_directory
+from zmqgossip.net import Transport, make_directory
 
 VICTIM = 0
 PROBE = 99

@@ -13,7 +13,7 @@ import torch
 from zmqgossip import config, hosting, report
 from zmqgossip.hosting.scenario import Scenario
 from zmqgossip.metrics import Event, RunDir, summarize
-from zmqgossip.transport import make_directory
+from zmqgossip.net import make_directory
 
 
 def tiny(method: str = "dac-var", **over) -> config.ExperimentConfig:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from _helpers import zmqgossip_cmd
-from zmqgossip.transport import socket_budget
+from zmqgossip.net import socket_budget
 
 
 def _cli(args: list[str], *, nofile: int | None = None, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -26,7 +26,7 @@ import torch
 from zmqgossip import config, hosting
 from zmqgossip.links import Latency, LinkProfile, Links, LinkStats, NetworkEmulation
 from zmqgossip.metrics import RunDir
-from zmqgossip.transport import make_directory
+from zmqgossip.net import make_directory
 from zmqgossip.wire import ModelPayload
 
 from _helpers import close_all, started

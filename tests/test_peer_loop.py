@@ -26,7 +26,7 @@ import zmq
 from _helpers import default_sigint
 from zmqgossip import config, hosting, metrics
 from zmqgossip.metrics import Event, RunDir, summarize
-from zmqgossip.transport import make_directory
+from zmqgossip.net import make_directory
 
 #: The keys every event line carries (``Peer.step``; more may be added).
 EVENT_KEYS = {

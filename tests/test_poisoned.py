@@ -25,7 +25,7 @@ import zmq.asyncio
 from zmqgossip import config, hosting, models, wire
 from zmqgossip.checkpoint import load_checkpoint
 from zmqgossip.metrics import summarize
-from zmqgossip.transport import make_directory
+from zmqgossip.net import make_directory
 from zmqgossip.wire import Kind
 
 HONEST = list(range(6))

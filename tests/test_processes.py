@@ -26,7 +26,7 @@ from _helpers import default_sigint, tiny_experiment, to_toml, toml_value, with_
 
 from zmqgossip.metrics import RunDir
 from zmqgossip.hosting.liveness import GiveUp, wait_for
-from zmqgossip.transport import Transport, free_tcp_ports, ipc_dir, make_directory
+from zmqgossip.net import Transport, free_tcp_ports, ipc_dir, make_directory
 
 RUN_TIMEOUT_S = 150  # a hung run fails the test instead of the suite
 

@@ -14,7 +14,7 @@ import time
 from zmqgossip import config, hosting
 from zmqgossip.metrics import RunDir
 from zmqgossip.stress import fd_count
-from zmqgossip.transport import socket_budget
+from zmqgossip.net import socket_budget
 
 PEERS, ROUNDS, POOL = 200, 4, 4
 

@@ -36,7 +36,7 @@ from zmqgossip.security import (
     secret_path,
     stop_gatekeeper,
 )
-from zmqgossip.transport import Transport, TransportError, make_directory
+from zmqgossip.net import Transport, TransportError, make_directory
 from zmqgossip.wire import ModelPayload, schema_of
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,9 +18,9 @@ import torch
 import zmq
 import zmq.asyncio
 
-from zmqgossip import transport as tp
+from zmqgossip import net as tp
 from zmqgossip import wire
-from zmqgossip.transport import Transport, TransportConfig, TransportError, make_directory
+from zmqgossip.net import Transport, TransportConfig, TransportError, make_directory
 from zmqgossip.wire import Kind, ModelPayload, SnapshotMemory, schema_of
 
 from _helpers import close_all, started
@@ -215,7 +215,7 @@ def test_silent_peer_times_out_within_its_timeout(actx, run_async):
             elapsed = time.perf_counter() - t0
             assert not r.ok and r.reason == "timeout"
             assert 0.3 <= elapsed < 0.3 + SLACK_S
-            assert 1 not in t._pool  # the socket with the unanswered request is gone
+            assert 1 not in t.pool.sockets  # the socket with the unanswered request is gone
             assert await t.ping(1, timeout=0.2) is None
         finally:
             await t.close()
@@ -323,7 +323,7 @@ def test_an_inproc_peer_can_serve_again_at_its_name_right_after_closing(actx, ru
                 r = await me.pull(1, timeout=5)
                 assert r.ok and r.message.version == i + 1
                 await t.close()
-                me._evict(1)  # an inproc socket to a closed peer never reconnects
+                me.pool.evict(1)  # an inproc socket to a closed peer never reconnects
         finally:
             await me.close()
 
@@ -349,8 +349,8 @@ def test_a_cancelled_pull_counts_nothing_and_leaves_the_transport_usable(actx, r
                 await task
             c = ts[0].counters
             assert c.pulls_failed == 0 and c.pull_failures == Counter()
-            assert 1 not in ts[0]._pool  # its socket may still get the reply: dropped
-            assert not ts[0]._dealers - set(ts[0]._pool.values())  # nothing left open on the side
+            assert 1 not in ts[0].pool.sockets  # its socket may still get the reply: dropped
+            assert not ts[0].pool.open - set(ts[0].pool.sockets.values())  # nothing left open on the side
             r = await ts[0].pull(2, timeout=5)
             assert r.ok and ts[0].counters.pulls_ok == 2  # the pull of 2 finished before the cancel
         finally:
@@ -374,7 +374,7 @@ def test_closing_a_transport_fails_its_pulls_in_flight_and_queued_at_once(actx, 
             await t.close()
             results = await asyncio.wait_for(task, 5)  # now, not after the 30 s timeout
             assert [r.reason for r in results] == ["socket"] * 3
-            assert not t._dealers and t.sockets_open == 0
+            assert not t.pool.open and t.sockets_open == 0
         finally:
             await t.close()
             router.close(0)
@@ -508,14 +508,14 @@ def test_lru_pool_stays_within_pool_size_when_pulling_many_peers(actx, run_async
                 for p in order:
                     r = await me.pull(p, timeout=5)
                     assert r.ok and r.message.version == p and float(r.message.tensors["w"][0]) == p
-                    assert len(me._pool) <= pool
+                    assert len(me.pool.sockets) <= pool
                     assert me.sockets_open <= pool + 1
             # more concurrent pulls than the pool holds: busy sockets stay open meanwhile,
             # and no pull may find its socket closed under it by the LRU
             results = await me.pull_many(range(1, n + 1), timeout=5)
             assert [r.ok for r in results] == [True] * n, [r.reason for r in results]
             assert (await me.pull(1, timeout=5)).ok
-            assert len(me._pool) <= pool
+            assert len(me.pool.sockets) <= pool
             assert me.counters.pulls_failed == 0
         finally:
             await close_all(ts)
@@ -541,9 +541,9 @@ def test_a_batch_that_cannot_open_a_socket_raises_and_leaves_no_pull_behind(dire
             with pytest.raises(zmq.ZMQError):
                 await me.pull_many([1, 2, 3, 4], timeout=5)
             assert me.counters.pulls_ok == me.counters.pulls_failed == 0
-            assert all(d.users == 0 and d.op is None for d in me._dealers)
+            assert all(d.users == 0 and d.op is None for d in me.pool.open)
             pending = [h for h in asyncio.get_running_loop()._scheduled if not h.cancelled()]
-            assert not [h for h in pending if type(getattr(h._callback, "__self__", None)).__name__ in ("PullBatch", "_Pull")]
+            assert not [h for h in pending if type(getattr(h._callback, "__self__", None)).__name__ in ("PullBatch", "Pull")]
             # The sockets of the dropped pulls are closed (a late reply may still come);
             # ZeroMQ frees their slots a moment later, and two pulls fit again.
             for _ in range(100):
@@ -597,7 +597,7 @@ def test_thousand_peers_in_one_process_pull_without_failure_and_bounded_sockets(
                 assert sum(len(x) for x in got) == n * fanout
                 open_now = sum(t.sockets_open for t in ts.values())
                 assert open_now <= budget.sockets and most_sockets <= budget.sockets
-                assert all(len(t._pool) <= pool for t in ts.values())
+                assert all(len(t.pool.sockets) <= pool for t in ts.values())
                 assert len(os.listdir("/proc/self/fd")) - fds_before <= budget.fds
                 assert sum(t.counters.pulls_failed for t in ts.values()) == 0
             finally:
@@ -768,7 +768,7 @@ def test_pull_from_killed_peer_fails_within_timeout_and_pool_stays_usable(child_
                 elapsed = time.perf_counter() - t0
                 assert not r.ok and r.reason in ("timeout", "unreachable"), r
                 assert elapsed < timeout + SLACK_S, elapsed
-            assert r.reason == "unreachable" and 2 in me._pool
+            assert r.reason == "unreachable" and 2 in me.pool.sockets
             r = await me.pull(3, timeout=5)  # the pool still works for everyone else
             assert r.ok and torch.equal(r.message.tensors["w"], torch.ones(8))
             t0 = time.perf_counter()  # known unreachable: fails at once, not after its timeout

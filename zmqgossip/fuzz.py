@@ -10,7 +10,8 @@
 ``huge_sizes``     msgpack headers that declare containers or strings of up to 4 GiB,
                    deep nesting, out-of-range integers, a model reply whose tensor table
                    declares petabytes
-``bad_version``    a well-formed head with a schema version this peer does not speak
+``bad_version``    a well-formed head with a schema version this peer does not speak (1, the
+                   version before tensors shared one data frame, among them)
 
 :func:`expected_reason` decodes a message exactly as the inbox does and returns the
 refusal reason it must count (None: a valid request, which is answered).  :func:`flood`
@@ -111,15 +112,22 @@ def _huge(rng: random.Random) -> list[bytes]:
         lambda: [  # a model reply (not a request) whose table declares a petabyte
             wire._head(Kind.MODEL_REPLY, 1, 1),
             _pack({"step": 0, "version": 1, "n": 1, "scores": None,
-                   "tensors": [["w", "float32", [2**25, 2**25], 2**52]]}),
+                   "tensors": [["w", "float32", [2**25, 2**25], 0]]}),
             b"\x00" * 16,
         ],
+        lambda: [  # a model reply whose tensors overlap and run past its data frame
+            wire._head(Kind.MODEL_REPLY, 1, 1),
+            _pack({"step": 0, "version": 1, "n": 1, "scores": None,
+                   "tensors": [["a", "float32", [64], 0], ["b", "float32", [64], 64]]}),
+            b"\x00" * 64,
+        ],
+        lambda: [_pack([wire.SCHEMA_VERSION, int(Kind.PULL_REQUEST), 1, 1]), b"", b"\x00" * 64],  # a request with a data frame
     ]
     return rng.choice(cases)()
 
 
 def _bad_version(rng: random.Random) -> list[bytes]:
-    v = rng.choice((0, 2, 3, 7, 255, 256, 2**31, 2**63 - 1, -1, 1.0, 0.5, True, False, None, "1", b"\x01", [1]))
+    v = rng.choice((0, 1, 1, 3, 7, 255, 256, 2**31, 2**63 - 1, -1, 2.0, 0.5, True, False, None, "2", b"\x02", [2]))
     frames = [_pack([v, int(rng.choice(INBOX_KINDS)), rng.randrange(100), rng.randrange(1, 100)])]
     if rng.random() < 0.3:
         frames.append(_pack({"a": 1}))

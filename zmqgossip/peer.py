@@ -31,7 +31,7 @@ from .data import ClientData
 from .metrics import Event, RunDir
 from .policies import Policy, Pulled
 from .scoring import Scorer
-from .transport import Counters, PullResult, Transport
+from .net import Counters, PullResult, Transport
 from .turns import Turn, Turns
 from .wire import ModelPayload, SnapshotMemory
 

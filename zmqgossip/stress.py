@@ -1,6 +1,6 @@
 """The stress engine: peers exchange random tensors, no training.
 
-Every stress peer is a real :class:`~zmqgossip.transport.Transport` serving a
+Every stress peer is a real :class:`~zmqgossip.net.Transport` serving a
 :class:`~zmqgossip.wire.ModelPayload` of ``payload_kb`` KiB of random float32 values and
 pulling ``fanout`` distinct random peers per round, concurrently, with the same wire format
 (the puller decodes and validates every reply against the payload's schema) and the same
@@ -34,7 +34,7 @@ a JSON file.  Hosts meet through :mod:`zmqgossip.hosting.liveness`: pulls start 
 peer is published (and, with warm-up rounds, every host is warm), and no host closes while
 others still pull from it.
 
-Limits are checked with :func:`~zmqgossip.transport.preflight` before any socket exists,
+Limits are checked with :func:`~zmqgossip.net.preflight` before any socket exists,
 so an impossible number of peers fails at once with what to raise.
 
 Random payloads: each peer serves its own random tensor up to 64 MiB of distinct payload
@@ -73,7 +73,7 @@ from .hosting.scenario import drive_timed
 from .hosting.workers import SpawnedWorkers, split_peers
 from .metrics import write_json_atomic
 from .links import Links, NetworkEmulation
-from .transport import Transport, TransportConfig, make_directory, preflight
+from .net import Transport, TransportConfig, make_directory, preflight
 from .wire import ModelPayload, schema_of
 
 DISTINCT_PAYLOAD_BYTES = 64 * 1024 * 1024  # random bytes per process before peers share buffers

@@ -17,7 +17,7 @@ import asyncio
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .transport import PullBatch, PullResult
+    from .net import PullBatch, PullResult
 
 #: How long a pull may hold a turn before giving it back (``compute.pull_hold_s``): well
 #: above a pull over loopback (milliseconds), below one update's compute (0.1 s and more).

@@ -1,20 +1,27 @@
-"""The wire format: msgpack headers plus one raw frame per tensor.
+"""The wire format (version 2): msgpack head and body, and one frame for all tensor bytes.
 
 A message is a list of ZeroMQ frames::
 
-    [head, body, tensor_0, tensor_1, ...]
+    requests, pings, pongs:   [head] or [head, body]
+    error replies:            [head, body]
+    model / payload replies:  [head, body, data]
 
 ``head`` is a tiny msgpack array ``[schema_version, kind, sender, request_id]`` built for
 every message.  ``body`` is a msgpack map whose content depends on the kind; for a model
 reply it carries the step, model version, number of training samples, the sender's score
-row (for DAC's two-hop rule) and the tensor table ``[name, dtype, shape, nbytes]``.  The
-body and the tensor frames of a published model are encoded once (:class:`ModelPayload`)
-and every request for that version is answered with the same cached frames plus a fresh
-head; that split is why the request id lives in ``head`` and not in ``body``.
+row (for DAC's two-hop rule) and the tensor table ``[name, dtype, shape, offset]``: where
+each tensor's bytes (little-endian, C order) start in ``data``.  Offsets are multiples of
+:data:`ALIGN`, tensors never overlap and ``data`` ends at the last tensor's end, optionally
+padded to the next multiple of :data:`ALIGN`.  docs/WIRE.md is the full specification.
+
+A published model is encoded once (:class:`ModelPayload`: one copy of the parameters into
+one buffer, the body from a cached table) and every request for that version is answered
+with the same cached frames plus a fresh head; that split is why the request id lives in
+``head`` and not in ``body``.
 
 :func:`decode` checks everything it is given and raises :class:`WireError`, never any
-other exception.  Tensors are decoded without copying (``numpy.frombuffer`` on the
-received frame, then ``torch.from_numpy``).  Nothing is ever unpickled.
+other exception.  Tensors are views of the received ``data`` frame (no copy), and values
+are checked once per dtype over the frame, not once per tensor.  Nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -33,7 +40,11 @@ import numpy as np
 import torch
 import zmq
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+#: Every tensor starts at a multiple of this many bytes of the data frame (a cache line;
+#: also a multiple of every dtype's size, so a tensor is aligned for its type).
+ALIGN = 64
 
 #: Frames at or above this size are sent without copying (pyzmq's copy threshold).
 ZERO_COPY_THRESHOLD = 64 * 1024
@@ -67,31 +78,123 @@ DTYPES: dict[str, tuple[torch.dtype, np.dtype]] = {
 _TORCH_TO_WIRE = {tdt: name for name, (tdt, _) in DTYPES.items()}
 _FLOAT_DTYPES = {"float32", "float64", "float16", "bfloat16"}
 _KINDS = {k.value: k for k in Kind}
-# Frames whose len() is their size in bytes (a memoryview's counts items of its format).
-_SIZED = (bytes, bytearray, zmq.Frame)
+_REPLY_KINDS = (Kind.MODEL_REPLY, Kind.PAYLOAD_REPLY)
 
 Frame = Union[bytes, bytearray, memoryview, Any]  # Any: zmq.Frame (buffer protocol)
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    out, s = [], 1
+    for d in reversed(shape):
+        out.append(s)
+        s *= max(d, 1)
+    return tuple(reversed(out))
+
+
+@dataclass(frozen=True)
+class _Group:
+    """The tensors of one dtype in a data frame: they are views of one array over
+    ``[start, end)``, and their values are checked by one pass over that span."""
+
+    wd: str
+    start: int
+    end: int
+    #: (index in the table, shape, strides, offset in elements from ``start``)
+    members: tuple[tuple[int, tuple[int, ...], tuple[int, ...], int], ...]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each tensor of a model lies in the data frame.
+
+    ``entries`` are in table order: (name, wire dtype, shape, nbytes, offset).  A sender
+    lays tensors out by dtype (in order of first appearance, the table order within one
+    dtype), each at the next multiple of :data:`ALIGN`, so that the tensors of one dtype
+    form one span and a receiver checks them in one pass.
+    """
+
+    entries: tuple[tuple[str, str, tuple[int, ...], int, int], ...]
+    size: int  # bytes of the data frame: the last tensor's end, padded to ALIGN
+    groups: tuple[_Group, ...]
+
+    @functools.cached_property
+    def wire_table(self) -> list[list[Any]]:
+        return [[k, wd, list(shape), off] for k, wd, shape, _, off in self.entries]
+
+    @functools.cached_property
+    def table_bytes(self) -> bytes:
+        return _pack(self.wire_table)
+
+    @functools.cached_property
+    def end(self) -> int:
+        """Where the last tensor ends (the data frame may be padded after it)."""
+        return max((off + nb for *_, nb, off in self.entries), default=0)
+
+    @functools.cached_property
+    def body_tail(self) -> bytes:
+        """The last entry of a model body as senders pack it: the key and the table."""
+        return _TENSORS_KEY + self.table_bytes
+
+    @functools.cached_property
+    def names(self) -> list[str]:
+        return [e[0] for e in self.entries]
+
+    @classmethod
+    def plan(cls, items: Sequence[tuple[str, str, tuple[int, ...]]]) -> "Layout":
+        """The canonical layout of tensors (name, wire dtype, shape), given in table order."""
+        order: dict[str, list[int]] = {}
+        for i, (_, wd, _) in enumerate(items):
+            order.setdefault(wd, []).append(i)
+        offsets = [0] * len(items)
+        nbytes = [math.prod(shape) * DTYPES[wd][1].itemsize for _, wd, shape in items]
+        pos = 0
+        for idx in order.values():
+            for i in idx:
+                offsets[i] = pos
+                pos += _aligned(nbytes[i])
+        entries = tuple((k, wd, tuple(shape), nb, off) for (k, wd, shape), nb, off in zip(items, nbytes, offsets))
+        return cls(entries, pos, _groups(entries))
+
+
+def _groups(entries: Sequence[tuple[str, str, tuple[int, ...], int, int]]) -> tuple[_Group, ...]:
+    by: dict[str, list[int]] = {}
+    for i, e in enumerate(entries):
+        by.setdefault(e[1], []).append(i)
+    out = []
+    for wd, idx in by.items():
+        full = [i for i in idx if entries[i][3]]
+        start = min((entries[i][4] for i in full), default=0)
+        end = max((entries[i][4] + entries[i][3] for i in full), default=0)
+        isz = DTYPES[wd][1].itemsize
+        members = tuple((i, entries[i][2], _strides(entries[i][2]), (entries[i][4] - start) // isz if entries[i][3] else 0)
+                        for i in idx)
+        out.append(_Group(wd, start, end, members))
+    return tuple(out)
 
 
 class Schema(dict[str, tuple[str, tuple[int, ...]]]):
     """What a receiver expects of a model: tensor name -> (wire dtype, shape), in order.
 
-    It also knows the exact tensor table a matching sender writes, so that decoding the
-    common message (the same model as ours) compares one list instead of validating each
-    entry; any other table takes the full, entry-by-entry validation.
+    It also knows the exact tensor table a matching sender writes (names, dtypes, shapes
+    and offsets of the canonical layout), so that decoding the common message (the same
+    model as ours) compares one list instead of validating each entry.
     """
 
     @functools.cached_property
-    def entries(self) -> list[tuple[str, str, tuple[int, ...], int]]:
-        return [(k, wd, tuple(shape), math.prod(shape) * DTYPES[wd][1].itemsize) for k, (wd, shape) in self.items()]
+    def layout(self) -> Layout:
+        return Layout.plan([(k, wd, tuple(shape)) for k, (wd, shape) in self.items()])
 
-    @functools.cached_property
-    def nbytes(self) -> int:
-        return sum(e[3] for e in self.entries)
+    @property
+    def entries(self) -> tuple[tuple[str, str, tuple[int, ...], int, int], ...]:
+        return self.layout.entries
 
-    @functools.cached_property
+    @property
     def wire_table(self) -> list[list[Any]]:
-        return [[k, wd, list(shape), nb] for k, wd, shape, nb in self.entries]
+        return self.layout.wire_table
 
 
 class WireError(Exception):
@@ -108,7 +211,8 @@ class WireError(Exception):
         "kind",  # unknown or unexpected message kind
         "field",  # missing or ill-typed header field
         "dtype",  # dtype outside the allow-list
-        "shape",  # shape inconsistent with byte length, or malformed
+        "shape",  # malformed shape
+        "offset",  # a tensor misaligned, overlapping another or past the data frame; a data frame of the wrong length
         "too_large",  # declared or actual size over the bound
         "schema",  # names / shapes / dtypes differ from the receiver's model
         "nonfinite",  # NaN or Inf in a model
@@ -127,7 +231,7 @@ class WireError(Exception):
 class Limits:
     """Bounds that :func:`decode` enforces; the defaults suit models up to ~256 MB."""
 
-    max_bytes: int = 256 * 1024 * 1024  # total tensor bytes in one message
+    max_bytes: int = 256 * 1024 * 1024  # bytes of the data frame (all tensors) in one message
     max_tensors: int = 4096
     max_header_bytes: int = 4 * 1024 * 1024  # body frame (score rows of many peers)
     max_ndim: int = 8
@@ -140,7 +244,7 @@ DEFAULT_LIMITS = Limits()
 
 @dataclass
 class Message:
-    """A decoded message. ``tensors`` share memory with the received frames."""
+    """A decoded message. ``tensors`` share memory with the received data frame."""
 
     kind: Kind
     sender: int
@@ -184,6 +288,51 @@ def _scores_field(scores: Mapping[int, float] | None) -> list | None:
     return [ids, [float(scores[k]) for k in ids]]
 
 
+# --------------------------------------------------------------------------- encoding
+
+
+def layout_of(state: Mapping[str, torch.Tensor]) -> Layout:
+    """The sender's layout of ``state`` (see :class:`Layout`)."""
+    return Layout.plan([(k, _wire_dtype(t), tuple(t.shape)) for k, t in state.items()])
+
+
+def _signature(state: Mapping[str, torch.Tensor]) -> list[tuple[torch.dtype, torch.Size]]:
+    return [(t.dtype, t.shape) for t in state.values()]
+
+
+def _views(base: torch.Tensor, layout: Layout) -> list[torch.Tensor]:
+    """Typed views of a byte tensor laid out as ``layout``, in table order."""
+    out: list[torch.Tensor] = [None] * len(layout.entries)  # type: ignore[list-item]
+    for g in layout.groups:
+        tdt = DTYPES[g.wd][0]
+        if g.end == g.start:  # only empty tensors: nothing to view
+            for i, shape, _, _ in g.members:
+                out[i] = torch.empty(shape, dtype=tdt)
+            continue
+        span = base[g.start : g.end].view(tdt)
+        at = span.storage_offset()  # as_strided counts from the storage, not the view
+        for i, shape, strides, off in g.members:
+            out[i] = span.as_strided(shape, strides, at + off) if layout.entries[i][3] else torch.empty(shape, dtype=tdt)
+    return out
+
+
+class _Buffer:
+    """One snapshot buffer and the typed views a layout copies into (made once)."""
+
+    __slots__ = ("array", "tensor", "layout", "views")
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array  # exactly the snapshot's bytes, cache-line aligned
+        self.tensor = torch.from_numpy(array)  # holds one reference to ``array``
+        self.layout: Layout | None = None
+        self.views: list[torch.Tensor] = []
+
+    def views_for(self, layout: Layout) -> list[torch.Tensor]:
+        if self.layout is not layout:
+            self.views, self.layout = _views(self.tensor, layout), layout
+        return self.views
+
+
 class SnapshotMemory:
     """Reusable memory for one publisher's model snapshots.
 
@@ -194,59 +343,91 @@ class SnapshotMemory:
     ZeroMQ still sends, no tensor that a receiver in the same process decoded from it
     (an inproc receive shares the sender's memory).  Python's reference count says
     exactly that, so a snapshot is never overwritten while anyone can still read it.
+
+    It also remembers the layout of the last model snapshotted and, per buffer, the views
+    that the copy writes through: a snapshot is then one call that copies every tensor.
     """
 
-    ALIGN = 64  # every tensor starts on a cache line
+    ALIGN = ALIGN
 
     def __init__(self, keep: int = 4) -> None:
         self.keep = keep
-        self._buffers: list[np.ndarray] = []
+        self._buffers: list[_Buffer] = []
         self._lock = threading.Lock()
+        self._layout: Layout | None = None
+        self._names: list[str] = []
+        self._signature: list[tuple[torch.dtype, torch.Size]] = []
         self.reused = 0
         self.allocated = 0
+
+    def layout(self, state: Mapping[str, torch.Tensor]) -> Layout:
+        """``state``'s layout; the last one again while names, dtypes and shapes stay."""
+        sig = _signature(state)
+        if self._layout is None or sig != self._signature or list(state) != self._names:
+            self._layout, self._names, self._signature = layout_of(state), list(state), sig
+        return self._layout
 
     def take(self, nbytes: int) -> np.ndarray:
         """A writable byte buffer of exactly ``nbytes``, cache-line aligned, that nothing
         else refers to."""
+        return self._take(nbytes).array
+
+    def _take(self, nbytes: int) -> _Buffer:
         with self._lock:
-            for i in range(len(self._buffers)):
-                # The list holds the allocation; every view of it (the buffer handed out,
-                # the frames, decoded tensors) refers to it too, since numpy views point at
-                # the array that owns the memory. getrefcount adds one for its argument.
-                if self._buffers[i].nbytes == nbytes + self.ALIGN and sys.getrefcount(self._buffers[i]) == 2:
+            for b in self._buffers:
+                # Free: referred to only by its _Buffer, its torch tensor and getrefcount's
+                # argument. Every frame, payload or decoded tensor of a snapshot refers to
+                # the array (numpy views and memoryviews point at the array they came from).
+                if b.array.nbytes == nbytes and sys.getrefcount(b.array) == 3:
                     self.reused += 1
-                    return self._aligned(self._buffers[i], nbytes)
-            base = np.empty(nbytes + self.ALIGN, dtype=np.uint8)
+                    return b
+            # Zeroed (calloc: no cost until touched): padding between tensors stays zero,
+            # which keeps the receiver's one pass per dtype on its fast path.
+            base = np.zeros(nbytes + ALIGN, dtype=np.uint8)
+            skip = -base.__array_interface__["data"][0] % ALIGN  # (.ctypes would make a cycle)
+            b = _Buffer(base[skip : skip + nbytes])
             self.allocated += 1
             if len(self._buffers) >= self.keep:
                 # Drop the list's hold on one buffer (its users keep it alive until done).
                 self._buffers.pop(0)
-            self._buffers.append(base)
-            return self._aligned(base, nbytes)
+            self._buffers.append(b)
+            return b
 
-    def _aligned(self, base: np.ndarray, nbytes: int) -> np.ndarray:
-        skip = -base.__array_interface__["data"][0] % self.ALIGN  # (.ctypes would make a cycle)
-        return base[skip : skip + nbytes]
+    def snapshot(self, state: Mapping[str, torch.Tensor], layout: Layout) -> np.ndarray:
+        """Copy ``state`` into a free buffer laid out as ``layout``; the buffer's bytes."""
+        b = self._take(layout.size)
+        _copy_into(b.views_for(layout), state)
+        return b.array
 
 
-def _layout(state: Mapping[str, torch.Tensor]) -> tuple[list[tuple[str, str, torch.Tensor, int, int]], int]:
-    """Each tensor's wire dtype, byte offset and length in one snapshot buffer."""
-    out = []
-    offset = 0
-    for name, t in state.items():
-        wd = _wire_dtype(t)
-        t = t.detach()
-        nb = t.numel() * t.element_size()
-        out.append((name, wd, t, offset, nb))
-        offset += -(-nb // SnapshotMemory.ALIGN) * SnapshotMemory.ALIGN
-    return out, offset
+def _copy_into(views: list[torch.Tensor], state: Mapping[str, torch.Tensor]) -> None:
+    # One call copies every tensor (each in its logical order: channels-last weights too);
+    # no_grad: parameters that require grad are read, never recorded.
+    if views:
+        with torch.no_grad():
+            torch._foreach_copy_(views, list(state.values()))
+
+
+def _alias(state: Mapping[str, torch.Tensor], layout: Layout) -> memoryview | None:
+    """The bytes of a one-tensor state whose own memory is a valid data frame, else None."""
+    if len(layout.entries) != 1:
+        return None
+    (t,) = state.values()
+    t = t.detach()
+    if t.device.type != "cpu" or not t.is_contiguous():
+        return None
+    view = t.view(torch.uint16) if t.dtype == torch.bfloat16 else t
+    return memoryview(view.numpy().reshape(-1)).cast("B")
+
+
+_TENSORS_KEY = _pack("tensors")
 
 
 @dataclass(frozen=True)
 class ModelPayload:
-    """A model snapshot encoded once: the body frame and the tensor frames.
+    """A model snapshot encoded once: the body frame and the data frame.
 
-    The tensors are private copies (a snapshot), so training can go on changing the live
+    The tensors are a private copy (a snapshot), so training can go on changing the live
     model while any number of replies send these bytes.
     """
 
@@ -269,43 +450,32 @@ class ModelPayload:
     ) -> "ModelPayload":
         """Snapshot ``state`` (one copy, into ``memory`` when given) and encode it.
 
-        ``copy=False`` sends the tensors' own memory: only for tensors nobody changes.
+        ``copy=False`` sends a one-tensor state's own memory (only for a tensor nobody
+        changes); any other state is copied all the same.
         """
-        table = []
-        buffers: list[Frame] = []
-        layout, size = _layout(state)
-        if copy:
-            arena = memory.take(size) if memory is not None else np.empty(size, dtype=np.uint8)
-        for name, wd, t, offset, nb in layout:
-            if copy:
-                # One copy into the snapshot buffer, none after it. numpy's copy is a
-                # plain memcpy for contiguous tensors (torch's copy_ is slower here).
-                dst = arena[offset : offset + nb]
-                if nb:
-                    if t.device.type == "cpu" and wd != "bfloat16":
-                        np.copyto(dst.view(DTYPES[wd][1]).reshape(t.shape), t.numpy(), casting="no")
-                    else:
-                        torch.from_numpy(dst).view(t.dtype).view(t.shape).copy_(t)
-                buffers.append(memoryview(dst))
+        layout = memory.layout(state) if memory is not None else layout_of(state)
+        data: Frame | None = None if copy else _alias(state, layout)
+        if data is None:
+            if memory is not None:
+                data = memoryview(memory.snapshot(state, layout))
             else:
-                if t.device.type != "cpu":
-                    t = t.cpu()
-                t = t.contiguous()
-                view = t.view(torch.uint16) if wd == "bfloat16" else t
-                buffers.append(memoryview(view.numpy().reshape(-1)).cast("B"))
-            table.append([name, wd, list(t.shape), nb])
-        body = {
+                arr = np.zeros(layout.size, dtype=np.uint8)
+                _copy_into(_views(torch.from_numpy(arr), layout), state)
+                data = memoryview(arr)
+        fields: dict[str, Any] = {
             "step": int(step),
             "version": int(version),
             "n": int(n_samples),
             "scores": _scores_field(scores),
-            "tensors": table,
         }
         if meta:
-            body["meta"] = dict(meta)
-        body_bytes = _pack(body)
-        total = sum(e[3] for e in table)
-        return cls((body_bytes, *buffers), int(version), total + len(body_bytes))
+            fields["meta"] = dict(meta)
+        # msgpack is a concatenation: a map of these fields with one more entry, the
+        # tensor table packed once per layout. (A map of <= 15 entries has a one-byte
+        # header, 0x80 | count.)
+        head = _pack(fields)
+        body = bytes((head[0] + 1,)) + head[1:] + layout.body_tail
+        return cls((body, data), int(version), len(body) + data.nbytes)
 
     def reply(self, sender: int, request_id: int, kind: Kind = Kind.MODEL_REPLY) -> list[Frame]:
         """The frames answering one request: a fresh head and the cached rest."""
@@ -399,19 +569,22 @@ def decode(
         raise WireError("garbage", f"undecodable message ({type(e).__name__}: {e})") from None
 
 
-def _decode(
-    frames: Sequence[Frame],
-    expect: Schema | None,
-    limits: Limits,
-    kinds: Sequence[Kind] | None,
-) -> Message:
+def check_head(frames: Sequence[Frame], kinds: Sequence[Kind] | None = None) -> tuple[Kind, int, int]:
+    """Validate a message's head frame (and its frame count for its kind): (kind, sender,
+    request id). Costs one small msgpack decode: a server refuses junk with it before
+    reading anything else."""
     if not isinstance(frames, (list, tuple)) or not frames:
         raise WireError("frames", "empty message")
+    if len(frames) > 3:  # no kind has more: refused before any msgpack is read
+        raise WireError("frames", f"{len(frames)} frames; no message has more than 3")
     head = _unpack(frames[0], "head", 256)
     if not isinstance(head, list) or len(head) != 4:
         raise WireError("garbage", "head must be [version, kind, sender, request_id]")
     version, kind_no, sender, request_id = head
     if type(version) is not int or version != SCHEMA_VERSION:  # True == 1.0 == 1 in Python
+        if type(version) is int and version == 1:
+            raise WireError("version", "schema version 1 (one frame per tensor) is no longer spoken; "
+                                       f"this peer speaks version {SCHEMA_VERSION}")
         raise WireError("version", f"schema version {version!r:.20}, this peer speaks {SCHEMA_VERSION}")
     kind = _KINDS.get(kind_no) if type(kind_no) is int else None  # a dict: Kind(...) costs more
     if kind is None:
@@ -420,13 +593,28 @@ def _decode(
         raise WireError("kind", f"{kind.name} is not accepted here")
     sender = _int(sender, "sender")
     request_id = _int(request_id, "request_id")
-    msg = Message(kind=kind, sender=sender, request_id=request_id)
+    n = len(frames)
+    if kind in _REPLY_KINDS:
+        if n != 3:
+            raise WireError("frames", f"{kind.name} has {n} frames, expected 3 (head, body, data)")
+    elif kind is Kind.ERROR_REPLY:
+        if n != 2:
+            raise WireError("frames", f"error reply has {n} frames, expected 2")
+    elif n > 2:
+        raise WireError("frames", f"{kind.name} has {n} frames, expected 1 or 2")
+    return kind, sender, request_id
 
-    if kind not in (Kind.MODEL_REPLY, Kind.PAYLOAD_REPLY):  # a few small frames; models: below
-        msg.nbytes = sum(_buffer(f).nbytes for f in frames)
+
+def _decode(
+    frames: Sequence[Frame],
+    expect: Schema | None,
+    limits: Limits,
+    kinds: Sequence[Kind] | None,
+) -> Message:
+    kind, sender, request_id = check_head(frames, kinds)
+    msg = Message(kind=kind, sender=sender, request_id=request_id)
     if kind in (Kind.PULL_REQUEST, Kind.PING, Kind.PONG):
-        if len(frames) > 2:
-            raise WireError("frames", f"{kind.name} has {len(frames)} frames, expected 1 or 2")
+        msg.nbytes = sum(_buffer(f).nbytes for f in frames)
         if len(frames) == 2:
             body = _unpack(frames[1], "body", 64 * 1024)
             if not isinstance(body, dict):
@@ -434,15 +622,18 @@ def _decode(
             msg.meta = body
         return msg
 
-    if len(frames) < 2:
-        raise WireError("frames", f"{kind.name} without a body frame")
-    body = _unpack(frames[1], "body", limits.max_header_bytes)
+    layout = None
+    if kind is not Kind.ERROR_REPLY and isinstance(expect, Schema):
+        body = _known_table_body(frames[1], expect.layout, limits)
+        if body is not None:
+            layout = expect.layout
+    if layout is None:
+        body = _unpack(frames[1], "body", limits.max_header_bytes)
     if not isinstance(body, dict):
         raise WireError("garbage", "body must be a map")
 
     if kind is Kind.ERROR_REPLY:
-        if len(frames) != 2:
-            raise WireError("frames", f"error reply has {len(frames)} frames, expected 2")
+        msg.nbytes = sum(_buffer(f).nbytes for f in frames)
         reason, detail = body.get("reason"), body.get("detail", "")
         if not isinstance(reason, str) or not isinstance(detail, str):
             raise WireError("field", "error reply needs string reason and detail")
@@ -458,58 +649,58 @@ def _decode(
     if not isinstance(meta, dict):
         raise WireError("field", "meta must be a map")
     msg.meta = meta
-    table = body.get("tensors")
+    table = body.get("tensors") if layout is None else expect.wire_table  # type: ignore[union-attr]
     if not isinstance(table, list):
         raise WireError("field", "tensor table missing or not a list")
     if len(table) > limits.max_tensors:
         raise WireError("too_large", f"{len(table)} tensors, bound is {limits.max_tensors}")
-    if len(frames) != 2 + len(table):
-        raise WireError("frames", f"{len(frames) - 2} tensor frames for {len(table)} table entries")
-    if isinstance(expect, Schema) and table == expect.wire_table:
-        entries = expect.entries  # the table is exactly our model's: already valid
+    if layout is not None:
+        pass  # the body ends with our model's canonical table, byte for byte
+    elif isinstance(expect, Schema) and table == expect.wire_table:
+        layout = expect.layout  # the table is exactly our model's canonical one: valid
     else:
-        entries = [_table_entry(e, limits) for e in table]
+        layout = _validated_layout(table, limits)
         if expect is not None:
-            _check_schema(entries, expect)
-    if isinstance(expect, Schema) and entries is expect.entries:
-        declared = expect.nbytes
-    else:
-        declared = sum(e[3] for e in entries)
-    if declared > limits.max_bytes:
-        raise WireError("too_large", f"declared {declared} tensor bytes, bound is {limits.max_bytes}")
-    check = kind is Kind.MODEL_REPLY and (limits.check_finite or limits.max_abs is not None)
-    bound = math.inf if limits.max_abs is None else limits.max_abs**2
-    tensors: dict[str, torch.Tensor] = {}
-    suspects = []
-    for (name, wd, shape, nb), frame in zip(entries, frames[2:]):
-        if name in tensors:
-            raise WireError("field", f"tensor {name!r:.60} appears twice")
-        # The frame's bytes, shaped, with no copy: one numpy call where the frame's size is
-        # known cheaply (a received frame), the general path for any other buffer.
-        if type(frame) in _SIZED and len(frame) == nb:
-            arr = np.ndarray(shape, DTYPES[wd][1], buffer=frame)
-            if not arr.flags.writeable:  # bytes: read-only, and torch wants writable memory
-                arr = arr.copy()
-        else:
-            arr = _array(name, wd, nb, frame).reshape(shape)
-        t = torch.from_numpy(arr)
-        tensors[name] = t.view(torch.bfloat16) if wd == "bfloat16" else t
-        if not check or not nb or wd not in _FLOAT_DTYPES:
-            continue
-        if wd in ("float32", "float64"):
-            # One dot product answers both questions in the common case: x.x is finite
-            # only if every x is (NaN/Inf propagate), and x.x <= b^2 implies every
-            # |x| <= b. Overflow or a large sum only sends us to the exact look below.
-            q = float(np.vdot(arr, arr))  # vdot flattens: no matrix product for 2-d tensors
-            if math.isfinite(q) and q <= bound:
-                continue
-        suspects.append(name)
-    for name in suspects:
-        _check_values(name, tensors[name], limits)
-    msg.tensors = tensors
-    # every tensor frame was checked to hold exactly its declared bytes
-    msg.nbytes = _buffer(frames[0]).nbytes + _buffer(frames[1]).nbytes + declared
+            _check_schema(layout.entries, expect)
+    data = _buffer(frames[2])
+    _check_extent(layout, data.nbytes, limits)
+    base = np.frombuffer(data, dtype=np.uint8)
+    if not base.flags.writeable:
+        # bytes objects are read-only; torch wants writable memory. zmq frames received
+        # with copy=False are writable, so the hot path never copies.
+        base = base.copy()
+    tensors = _views(torch.from_numpy(base), layout)
+    if kind is Kind.MODEL_REPLY and (limits.check_finite or limits.max_abs is not None):
+        for g in layout.groups:
+            if g.wd in _FLOAT_DTYPES and g.end > g.start:
+                _check_group(g, base, tensors, layout, limits)
+    msg.tensors = dict(zip(layout.names, tensors))
+    msg.nbytes = _buffer(frames[0]).nbytes + _buffer(frames[1]).nbytes + data.nbytes
     return msg
+
+
+def _known_table_body(frame: Frame, layout: Layout, limits: Limits) -> dict | None:
+    """The body's fields without unpacking its tensor table, when the body ends with our
+    own model's table exactly as a sender packs it (the common message); else None.
+
+    msgpack is a concatenation: a map of n entries whose last entry is ``"tensors": T`` is
+    the map header, n - 1 entries, then those bytes. If the bytes before that suffix parse
+    exactly as a map of n - 1 entries, the whole body parses as those entries plus the
+    known table (a later key wins, as in a full unpack). Anything else takes the full unpack.
+    """
+    mv = _buffer(frame)
+    tail = layout.body_tail
+    n = mv.nbytes - len(tail)
+    if n < 1 or mv.nbytes > limits.max_header_bytes or mv[n:] != tail:
+        return None
+    first = mv[0]
+    if not 0x81 <= first <= 0x8F:  # a fixmap of 1..15 entries: what senders write
+        return None
+    try:
+        fields = msgpack.unpackb(bytes((first - 1,)) + mv[1:n], raw=False, strict_map_key=True)
+    except Exception:  # noqa: BLE001  (the full unpack names what is wrong)
+        return None
+    return fields if isinstance(fields, dict) else None
 
 
 def _decode_scores(raw: Any) -> dict[int, float] | None:
@@ -535,10 +726,30 @@ def _decode_scores(raw: Any) -> dict[int, float] | None:
     return out
 
 
-def _table_entry(e: Any, limits: Limits) -> tuple[str, str, tuple[int, ...], int]:
+def _validated_layout(table: list, limits: Limits) -> Layout:
+    """A tensor table that is not the receiver's own, checked entry by entry."""
+    entries = []
+    names: set[str] = set()
+    for e in table:
+        name, wd, shape, nb, off = _table_entry(e, limits)
+        if name in names:
+            raise WireError("field", f"tensor {name!r:.60} appears twice")
+        names.add(name)
+        entries.append((name, wd, shape, nb, off))
+    declared = max((off + nb for *_, nb, off in entries), default=0)
+    if declared > limits.max_bytes:
+        raise WireError("too_large", f"the table declares a data frame of {declared} bytes, bound is {limits.max_bytes}")
+    full = sorted((off, off + nb, name) for name, _, _, nb, off in entries if nb)
+    for (_, end, a), (start, _, b) in zip(full, full[1:]):
+        if start < end:
+            raise WireError("offset", f"tensors {a!r:.60} and {b!r:.60} overlap")
+    return Layout(tuple(entries), _aligned(declared), _groups(entries))
+
+
+def _table_entry(e: Any, limits: Limits) -> tuple[str, str, tuple[int, ...], int, int]:
     if not (isinstance(e, list) and len(e) == 4):
-        raise WireError("field", "tensor table entry must be [name, dtype, shape, nbytes]")
-    name, wd, shape, nb = e
+        raise WireError("field", "tensor table entry must be [name, dtype, shape, offset]")
+    name, wd, shape, off = e
     if not isinstance(name, str) or not 0 < len(name) <= 256:
         raise WireError("field", "tensor name must be a non-empty string of at most 256 chars")
     if not isinstance(wd, str) or wd not in DTYPES:
@@ -548,15 +759,29 @@ def _table_entry(e: Any, limits: Limits) -> tuple[str, str, tuple[int, ...], int
     for d in shape:
         if type(d) is not int or d < 0 or d > limits.max_bytes:
             raise WireError("shape", f"tensor {name!r}: bad dimension {d!r:.20}")
-    nb = _int(nb, f"tensor {name!r} nbytes")
-    count = math.prod(shape)
-    if count * DTYPES[wd][1].itemsize != nb:
-        raise WireError("shape", f"tensor {name!r}: shape {shape} of {wd} is not {nb} bytes")
-    return name, wd, tuple(shape), nb
+    off = _int(off, f"tensor {name!r} offset")
+    if off % ALIGN:
+        raise WireError("offset", f"tensor {name!r}: offset {off} is not a multiple of {ALIGN}")
+    nb = math.prod(shape) * DTYPES[wd][1].itemsize
+    if nb > limits.max_bytes or off > limits.max_bytes:
+        raise WireError("too_large", f"tensor {name!r}: {nb} bytes at offset {off}, bound is {limits.max_bytes}")
+    return name, wd, tuple(shape), nb, off
 
 
-def _check_schema(entries: list[tuple[str, str, tuple[int, ...], int]], expect: Schema) -> None:
-    got = {name: (wd, shape) for name, wd, shape, _ in entries}
+def _check_extent(layout: Layout, have: int, limits: Limits) -> None:
+    """The data frame holds every tensor and at most the padding after the last one."""
+    if have > limits.max_bytes:
+        raise WireError("too_large", f"data frame is {have} bytes, bound is {limits.max_bytes}")
+    end = layout.end
+    if have < end:
+        past = next(name for name, _, _, nb, off in layout.entries if off + nb > have)
+        raise WireError("offset", f"tensor {past!r:.60} runs past the data frame ({have} bytes; the table needs {end})")
+    if have > _aligned(end):
+        raise WireError("offset", f"data frame is {have} bytes; the tensors end at {end} (padded: {_aligned(end)})")
+
+
+def _check_schema(entries: Sequence[tuple[str, str, tuple[int, ...], int, int]], expect: Mapping) -> None:
+    got = {e[0]: (e[1], e[2]) for e in entries}
     if got.keys() != expect.keys():
         missing = sorted(expect.keys() - got.keys())[:3]
         extra = sorted(got.keys() - expect.keys())[:3]
@@ -567,29 +792,39 @@ def _check_schema(entries: list[tuple[str, str, tuple[int, ...], int]], expect: 
             raise WireError("schema", f"tensor {name!r}: got {wd}{list(shape)}, this model has {ewd}{list(eshape)}")
 
 
-def _array(name: str, wd: str, nb: int, frame: Frame) -> np.ndarray:
-    """The frame's bytes as a flat array of the wire dtype (bfloat16: as uint16), no copy."""
-    try:
-        flat = np.frombuffer(frame, dtype=DTYPES[wd][1])
-    except (TypeError, ValueError, BufferError):  # not a plain buffer, or a ragged length
-        flat = None
-    if flat is None or flat.nbytes != nb:
-        have = _buffer(frame).nbytes  # refuses what is no buffer at all
-        raise WireError("shape", f"tensor {name!r}: frame has {have} bytes, table says {nb}")
-    if not flat.flags.writeable:
-        # bytes objects are read-only; torch wants writable memory. zmq frames
-        # received with copy=False are writable, so the hot path never copies.
-        flat = flat.copy()
-    return flat
+def _check_group(g: _Group, base: np.ndarray, tensors: list[torch.Tensor], layout: Layout, limits: Limits) -> None:
+    """One pass over the span of a dtype's tensors; only a span that fails is looked at
+    tensor by tensor (to name the culprit, or because the span also holds padding or
+    other tensors' bytes that are no values of this dtype)."""
+    span = base[g.start : g.end].view(DTYPES[g.wd][1])
+    bound = math.inf if limits.max_abs is None else limits.max_abs**2
+    if g.wd in ("float32", "float64"):
+        # One dot product answers both questions in the common case: x.x is finite only
+        # if every x is (NaN/Inf propagate), and x.x <= b^2 implies every |x| <= b.
+        # Overflow or a large sum only sends us to the exact look below.
+        q = float(np.vdot(span, span))
+        if math.isfinite(q) and q <= bound:
+            return
+    elif _values_ok(torch.from_numpy(span).view(DTYPES[g.wd][0]), limits):
+        return
+    for i, *_ in g.members:
+        if layout.entries[i][3]:
+            _check_values(layout.entries[i][0], tensors[i], limits)
+
+
+def _values_ok(t: torch.Tensor, limits: Limits) -> bool:
+    if limits.max_abs is None:
+        # A sum is finite only if every value is (NaN and +-Inf never turn back into a
+        # finite number). Finite values can still overflow a sum: then the exact look.
+        return math.isfinite(float(t.sum()))
+    lo, hi = torch.aminmax(t.float() if t.dtype in (torch.float16, torch.bfloat16) else t)
+    lo, hi = float(lo), float(hi)
+    return math.isfinite(lo) and math.isfinite(hi) and max(-lo, hi) <= limits.max_abs
 
 
 def _check_values(name: str, t: torch.Tensor, limits: Limits) -> None:
-    if limits.max_abs is None:
-        # One cheap pass first: a sum is finite only if every value is (NaN and +-Inf
-        # never turn back into a finite number). Finite values can still overflow a
-        # sum, so only a non-finite sum needs the exact look below.
-        if math.isfinite(float(t.sum())):
-            return
+    if _values_ok(t, limits):
+        return
     lo, hi = torch.aminmax(t.float() if t.dtype in (torch.float16, torch.bfloat16) else t)
     lo, hi = float(lo), float(hi)
     # NaN propagates through aminmax; so does +-Inf.

@@ -35,7 +35,7 @@ def run(
     from ..hosting import Place, RosterHosts, build_partition, check_model, default_place, run_experiment
     from ..progress import RunProgress
     from ..report import summary_table
-    from ..transport import TransportError
+    from ..net import TransportError
 
     overrides = list(set_)
     if processes is not None:

@@ -133,7 +133,7 @@ def stress(
 
     tune_for_hosting()  # this process hosts peers (or starts workers that do); before torch allocates
     from ..stress import StressConfig, StressError, run_stress, run_sweep
-    from ..transport import TransportError
+    from ..net import TransportError
 
     link_raw = _links_table(links)
     quick = {k: v for k, v in (("latency_ms", latency_ms), ("jitter_ms", jitter_ms), ("loss", loss),

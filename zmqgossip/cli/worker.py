@@ -33,7 +33,7 @@ def worker(
     from ..roster import load_roster
     from ..hosting import build_partition, check_model, host_peers, prepare_run
     from ..security import keys_folder, load_keyring
-    from ..transport import TransportError
+    from ..net import TransportError
 
     keyring = None
     try:

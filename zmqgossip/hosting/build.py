@@ -25,7 +25,7 @@ from ..metrics import RunDir
 from ..peer import Peer, PeerSettings
 from ..policies import make_policy
 from ..security import KeyRing, stop_gatekeeper
-from ..transport import Transport, TransportConfig, preflight
+from ..net import Transport, TransportConfig, preflight
 from ..turns import Turns
 from ..wire import Limits, schema_of
 

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..transport import Transport
+from ..net import Transport
 from ..wire import Kind
 
 #: Seconds a remote peer may have no connection at all before a waiting host gives it up

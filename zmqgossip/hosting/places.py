@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from ..config import ExperimentConfig
 from ..data import Partition
 from ..metrics import EventTail, RunDir
-from ..transport import make_directory, preflight
+from ..net import make_directory, preflight
 from .endpoints import remove_ipc
 from .host import host_peers
 from .scenario import EventHook
@@ -131,7 +131,7 @@ def host_in_workers(
 
 
 def check_limits(cfg: ExperimentConfig, peers: int, *, secure: bool = False) -> None:
-    """Raise :class:`~zmqgossip.transport.TransportError` if ``peers`` peers of ``cfg``
+    """Raise :class:`~zmqgossip.net.TransportError` if ``peers`` peers of ``cfg``
     cannot fit in one process (sockets, descriptors)."""
     import zmq
 
