@@ -302,13 +302,16 @@ async def host_share(
     ids: Sequence[int],
     directory: Mapping[int, str],
     *,
+    meet_with: Sequence[int] | None = None,
     start_timeout_s: float = 600.0,
 ) -> dict[str, Any]:
     """Host the stress peers ``ids`` of ``directory``; return this process's figures.
 
     Hosts meet as learning runs do (hosting.liveness): every peer is bound and published
     before anyone pulls, every host has warmed up before the measurement starts, and each
-    host keeps serving until every other is done pulling.
+    host keeps serving until every other is done pulling. ``meet_with``: one peer of each
+    other host (a host announces for all its stress peers at once, so one stands for all;
+    default: every remote peer).
     """
     tune_for_hosting()
     ctx = zmq.asyncio.Context()
@@ -327,7 +330,7 @@ async def host_share(
             await sp.start()
         setup_s = time.perf_counter() - t_setup
         transports = [sp.transport for sp in stress_peers.values()]
-        remote = [p for p in directory if p not in stress_peers]
+        remote = list(meet_with) if meet_with is not None else [p for p in directory if p not in stress_peers]
         probe = transports[0]
         await liveness.meet(probe, remote, "ready", transports, deadline_s=start_timeout_s)
 
@@ -434,12 +437,12 @@ def _links_raw(links: Links | None) -> dict[str, Any] | None:
             "duplicated": s.duplicated, "delay_sum_s": s.delay_sum_s, "delays_ms": list(s.delays_ms)}
 
 
-def _worker_main(cfg_data: dict, ids: list[int], directory: dict[int, str], out_path: str) -> None:
+def _worker_main(cfg_data: dict, ids: list[int], directory: dict[int, str], meet_with: list[int], out_path: str) -> None:
     """Entry point of one spawned stress worker: host ``ids``, write figures to ``out_path``."""
     torch.set_num_threads(1)
     cfg = StressConfig.model_validate(cfg_data)
     try:
-        res = asyncio.run(host_share(cfg, ids, directory))
+        res = asyncio.run(host_share(cfg, ids, directory, meet_with=meet_with))
     except BaseException as e:  # noqa: BLE001 - report any failure to the parent, then fail
         write_json_atomic(Path(out_path), {"error": f"{type(e).__name__}: {e}"})
         raise SystemExit(1) from None
@@ -479,7 +482,9 @@ def _run_workers(cfg: StressConfig, shares: list[list[int]], directory: Mapping[
     tmp = tempfile.mkdtemp(prefix="zgstress")
     try:
         for k, share in enumerate(shares):
-            workers.start(_worker_main, share, cfg.model_dump(), share, dict(directory), os.path.join(tmp, f"worker-{k}.json"))
+            others = [s[0] for s in shares if s is not share]
+            workers.start(_worker_main, share, cfg.model_dump(), share, dict(directory), others,
+                          os.path.join(tmp, f"worker-{k}.json"))
         # One dead worker fails the run: the others are stopped rather than left waiting for it.
         outcomes = workers.watch(poll_s=0.05, on_death=lambda k, code: workers.stop())
         parts, errors = [], []
