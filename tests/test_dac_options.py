@@ -288,3 +288,20 @@ def test_dac_plus_stops_pulling_a_peer_that_died(tmp_path):
             assert max(failed_per_pair.values(), default=0) <= 2, failed_per_pair
     print(f"pulls of dead peers after the kill (total, most by one puller of one victim): {counts}")
     assert counts["dac-var"][0] > counts["dac-plus"][0]
+
+
+# ------------------------------------------------------------------------- relative score
+
+
+def test_relative_score_divides_by_the_best_known_score():
+    """Early losses (all ~2) and late ones (mate 0.3, outsider 7) give the same weights
+    when their ratios are the same."""
+    early, late = dac(relative_score=True, tau=10.0), dac(relative_score=True, tau=10.0)
+    early.update([Pulled(1, 10, 2.0), Pulled(2, 10, 4.0)])
+    late.update([Pulled(1, 10, 0.3), Pulled(2, 10, 0.6)])
+    assert early.p == pytest.approx(late.p)
+    assert early.p == pytest.approx(softmax_weights(np.array([1.0, 0.5, *[0.0] * 7]), 10.0))
+    plain = dac(tau=10.0)
+    plain.update([Pulled(1, 10, 2.0), Pulled(2, 10, 4.0)])
+    assert weight(plain, 1) / weight(plain, 2) < weight(early, 1) / weight(early, 2)
+    assert early.score_row() == pytest.approx({1: 0.5, 2: 0.25})  # what travels is still 1/L

@@ -107,6 +107,9 @@ class PolicyConfig(_Strict):
     unknown_score: Literal["zero", "mean", "max"] | None = Field(
         None, description="DAC: the score a never-scored peer is ranked with: zero (the paper), or the mean or max "
                           "of the known scores (dac-plus: mean)")
+    relative_score: bool | None = Field(
+        None, description="DAC: the softmax sees each score over the best known one, so tau weighs loss ratios "
+                          "(false: the paper)")
     explore: int | None = Field(
         None, ge=0, le=1000, description="DAC: peers pulled and scored per round beyond n, never averaged in "
                                          "(never-scored ones first; 0: none, the paper and dac-plus)")
@@ -135,7 +138,7 @@ class PolicyConfig(_Strict):
 
     def dac_options(self) -> dict[str, Any]:
         """DAC's options beyond the paper, None where the method's own value applies."""
-        return {k: getattr(self, k) for k in ("unknown_score", "explore", "drop_ratio", "fail_decay", "fail_limit", "retry_rounds")}
+        return {k: getattr(self, k) for k in ("unknown_score", "relative_score", "explore", "drop_ratio", "fail_decay", "fail_limit", "retry_rounds")}
 
 
 FULL_POOL_UP_TO = 33  # peers: up to here every peer keeps a socket to every other

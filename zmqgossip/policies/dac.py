@@ -27,6 +27,9 @@ measurements recommend:
 - ``unknown_score``: rank a client with no score (never pulled, no two-hop value) at the
   mean or max of the known scores instead of 0, so it is not drawn after every known
   outsider (with 0 a small cluster can miss a mate for the whole run);
+- ``relative_score``: the softmax sees s_i[j] / max_l s_i[l], so tau weighs loss ratios:
+  1/L differs by only ~0.05 between a cluster mate and an outsider while every model's
+  loss is ~2 (the first rounds), and by ~3 once the mates' losses are ~0.3;
 - ``explore``: pull k more clients per round (unscored ones first), score them and use
   their scores and rows, but give their models no weight in the average;
 - ``drop_ratio``: give no weight to a pulled model whose loss on my data is more than this
@@ -57,6 +60,7 @@ class DACOptions:
     """DAC's options beyond the paper; the defaults are the paper's rules (module docstring)."""
 
     unknown_score: Literal["zero", "mean", "max"] = "zero"
+    relative_score: bool = False
     explore: int = 0
     drop_ratio: float = 0.0  # 0: every pulled model is averaged in
     fail_decay: float = 1.0
@@ -216,6 +220,10 @@ class DAC(Policy):
             if known.any():
                 z = z.copy()
                 z[~known & (self.c == 0)] = z[known].mean() if o.unknown_score == "mean" else z[known].max()
+        if o.relative_score:
+            top = z.max()
+            if top > 0:
+                z = z / top
         nxt = self.t + 1  # the round this p is drawn in
         banned = [i for i, u in enumerate(self.banned_until) if u > nxt]
         if banned and len(banned) < len(z):
