@@ -109,7 +109,7 @@ class PolicyConfig(_Strict):
                           "of the known scores (dac-plus: mean)")
     relative_score: bool | None = Field(
         None, description="DAC: the softmax sees each score over the best known one, so tau weighs loss ratios "
-                          "(false: the paper)")
+                          "(false: the paper; dac-plus: true)")
     explore: int | None = Field(
         None, ge=0, le=1000, description="DAC: peers pulled and scored per round beyond n, never averaged in "
                                          "(never-scored ones first; 0: none, the paper and dac-plus)")

@@ -79,7 +79,8 @@ class DACOptions:
 
 
 #: What ``dac-plus`` runs: DAC-var with the options the measurements recommend.
-DAC_PLUS = DACOptions(unknown_score="mean", drop_ratio=2.0, fail_decay=0.5, fail_limit=2, retry_rounds=5)
+DAC_PLUS = DACOptions(unknown_score="mean", relative_score=True, drop_ratio=2.0, fail_decay=0.5, fail_limit=2,
+                      retry_rounds=5)
 
 
 def tau_schedule(tau: float, t: int, variable: bool) -> float:
