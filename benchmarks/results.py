@@ -27,7 +27,9 @@ sys.path.insert(0, str(ROOT))
 from zmqgossip import config  # noqa: E402
 from zmqgossip.report import block_diagonal_share, compare_markdown, plot_compare, write_plots  # noqa: E402
 
-METHODS = ["local", "random", "pens", "oracle", "dac", "dac-var", "dac-var+sim"]
+METHODS = ["local", "random", "pens", "oracle", "dac", "dac-var", "dac-var+sim", "dac-plus"]
+CHURN_METHODS = ["dac-var", "dac-plus"]
+CONDITIONS_DEFAULT = "sequential,async,async+network,churn"
 
 
 @dataclass
@@ -149,6 +151,83 @@ def _focus_table(dirs_by_method: dict[str, list[Path]], focus: str) -> str:
     return "\n".join(lines)
 
 
+def churn_victims(peers: int) -> list[int]:
+    """Every fifth peer (20%), spread over the ids so every cluster loses some."""
+    return list(range(2, peers, 5))
+
+
+def departed_pull_share(run_dir: Path, victims: list[int], killed_s: float) -> tuple[float, float, int]:
+    """For each staying puller, its pulls of departed peers beyond the first two per departed
+    peer (those two find out that it left), as a share of all its pulls that started after
+    the kill. Returns the mean and max share over pullers and the pulls to departed peers."""
+    from zmqgossip.metrics import RunDir
+
+    rd = RunDir(run_dir)
+    shares, total = [], 0
+    for i in range(len(rd.clusters()[0])):
+        if i in victims:
+            continue
+        tried: dict[int, int] = {}
+        pulls = 0
+        for e in rd.events(i):
+            if e.t - e.dt < killed_s:
+                continue
+            pulls += len(e.chosen)
+            for j in e.chosen:
+                if j in victims:
+                    tried[j] = tried.get(j, 0) + 1
+        total += sum(tried.values())
+        if pulls:
+            shares.append(sum(max(0, n - 2) for n in tried.values()) / pulls)
+    return (sum(shares) / len(shares) if shares else 0.0), max(shares, default=0.0), total
+
+
+def churn_section(out: Path, shrink: list[str], reuse: bool, times: dict[str, float], quick: bool = False) -> list[str]:
+    """Async label shift; each method runs once without churn, then again with 20% of the
+    peers killed a third of the way through (the wall time of its own run without churn).
+    ``quick``: dac-plus only (a smoke check of the section)."""
+    preset, seed = "label-mnist", 0
+    peers = config.load(preset, shrink).peers
+    victims = churn_victims(peers)
+    rows, t, ran = [], time.perf_counter(), 0
+    cmds = []
+    for m in CHURN_METHODS[-1:] if quick else CHURN_METHODS:
+        base = [*shrink, *_method_args(m), "schedule=async", f"seed={seed}"]
+        calm = out / f"{m}-seed{seed}"
+        ran += run_grid([(preset, base, str(calm))], 1, reuse)
+        s0 = json.loads((calm / "summary.json").read_text())
+        at = round(s0["wall_s"] / 3, 1)
+        kill = f'links.scenario=[{{at_s={at},action="kill",peers={victims}}}]'.replace(" ", "")
+        churn = out / f"{m}-churn-seed{seed}"
+        if not (reuse and (churn / "summary.json").is_file()):  # its killed peers never finish
+            one_run(preset, [*base, "network.timeout_s=2.0", kill], str(churn))
+            ran += 1
+        s1 = json.loads((churn / "summary.json").read_text())
+        killed = next((e["applied_s"] for e in s1.get("scenario", []) if e["action"] == "kill"), at)
+        mean_share, max_share, to_departed = departed_pull_share(churn, victims, killed)
+
+        def staying(d: Path) -> float:
+            from zmqgossip.metrics import RunDir
+
+            accs = [r["test_acc"] for i, r in RunDir(d).results().items() if i not in victims and r.get("test_acc") is not None]
+            return 100 * sum(accs) / len(accs)
+
+        rows.append(f"| {m} | {staying(calm):.1f} | {staying(churn):.1f} | {killed:.1f} s of {s0['wall_s']:.0f} s | "
+                    f"{to_departed} | {100 * mean_share:.1f} / {100 * max_share:.1f} | "
+                    f"{s1['peer_rounds'] / s1['wall_s']:.2f} vs {s0['peer_rounds'] / s0['wall_s']:.2f} |")
+        cmds.append(f"`zmqgossip run {preset} {_cli([*base, 'network.timeout_s=2.0', kill])}`")
+    if ran or "churn" not in times:  # reused runs keep the time measured when they ran
+        times["churn"] = times.get("churn", 0.0) + time.perf_counter() - t
+    return ["## Churn: 20% of the peers leave a third of the way through", "",
+            f"`{preset}`, async, seed {seed}: peers {victims} are killed (`[[links.scenario]]` kill) a "
+            "third of the way through the wall time of the same method's run without churn; pulls "
+            "time out after 2 s. Each method's runs: " + "; ".join(cmds) + ", and the same without "
+            "`links.scenario` and `network.timeout_s`.", "",
+            "| method | staying peers' accuracy, no churn | with churn | kill at | pulls of departed peers "
+            "| beyond the first two per departed peer, % of a puller's pulls (mean / max) | client-rounds/s, churn vs none |",
+            "|:---|---:|---:|---:|---:|---:|---:|", *rows, ""]
+
+
 def paper_scale_costs(quick: bool) -> list[str]:
     """Measured cost of one client-round of each paper-scale preset (its model, data shape,
     epochs, batch, n and test set), scaled to the preset's peers and rounds."""
@@ -197,8 +276,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3, help="seeds of the sequential runs (the paper's tables)")
     ap.add_argument("--async-seeds", type=int, default=1, help="seeds of the async runs")
     ap.add_argument("--parallel", type=int, default=2, help="experiments run at once (one process each)")
-    ap.add_argument("--conditions", default="sequential,async,async+network",
-                    help="comma-separated conditions to run and show (default: all)")
+    ap.add_argument("--conditions", default=CONDITIONS_DEFAULT,
+                    help="comma-separated conditions to run and show (default: all; 'churn' is the churn section)")
     ap.add_argument("--reuse", action="store_true",
                     help="keep runs already in --out (their summaries) and the times measured for them")
     args = ap.parse_args()
@@ -225,7 +304,8 @@ def main() -> None:
         "Local does not communicate, so schedule and network cannot change it: it is run "
         "sequentially only.", "",
         "## Contents", "",
-        *(f"- {st.name}" for st in settings), "- Paper scale: how long", "- Discussion", "",
+        *(f"- {st.name}" for st in settings), "- Churn: 20% of the peers leave", "- Paper scale: how long",
+        "- Discussion", "",
     ]
     for si, setting in enumerate(settings):
         peers = config.load(setting.preset, shrink).peers
@@ -256,7 +336,8 @@ def main() -> None:
                     f"{cond.about[0].upper()}{cond.about[1:]}. Each row: `{cmd}` for S in {seeds} "
                     f"({len(jobs)} runs, {times[key] / 60:.1f} min here, {args.parallel} at a time); the table is "
                     "`zmqgossip compare RUN_DIRS --markdown`. `dac-var+sim` is `--method dac-var "
-                    "--set policy.similarity_weighted=true`.", "",
+                    "--set policy.similarity_weighted=true`; `dac-plus` is DAC-var with the options "
+                    "beyond the paper that policies/dac.py documents.", "",
                     *(["Beside the faithful methods, documented options: "
                        + "; ".join(f"`{k}` is `{_cli(v)}`" for k, v in setting.options.items()) + "."]
                       if seq and setting.options and not args.quick else []), "",
@@ -277,6 +358,9 @@ def main() -> None:
                         shutil.copy(heat, dst)
                         doc += [f"Pull counts, {m}, {cond.name}, seed 0 (within-cluster share "
                                 f"{block_diagonal_share(d):.2f}):", "", f"![pull heatmap](img/{dst.name})", ""]
+    if "churn" in args.conditions.split(","):
+        doc += churn_section(args.out / "churn", shrink, args.reuse, times, args.quick)
+        times_path.write_text(json.dumps(times, indent=1))
     t = time.perf_counter()
     doc += ["## Paper scale: how long", "",
             "The paper-scale presets read CIFAR-10 or Fashion-MNIST from a folder you name. One "

@@ -434,7 +434,7 @@ def test_pens_phase2_falls_back_to_all_when_none_qualify():
 def test_make_policy_builds_each_method_and_rejects_unknown():
     rng = np.random.default_rng(0)
     clusters = {i: 0 for i in PEERS}
-    kinds = {"local": Local, "random": RandomGossip, "oracle": Oracle, "pens": PENS, "dac": DAC, "dac-var": DAC}
+    kinds = {"local": Local, "random": RandomGossip, "oracle": Oracle, "pens": PENS, "dac": DAC, "dac-var": DAC, "dac-plus": DAC}
     assert set(kinds) == set(METHODS)
     for name, cls in kinds.items():
         pol = make_policy(name, ME, PEERS, n=3, rng=rng, clusters=clusters)

@@ -36,6 +36,10 @@ def test_results_quick_writes_every_section_from_real_runs(tmp_path):
     for img in re.findall(r"\]\(img/([^)]+)\)", text):
         assert (doc.parent / "img" / img).is_file(), img
     assert "paper-covariate-cifar10" in text and "h |" in text
+    # The churn section: a run without churn and one with 20% of the peers killed.
+    assert "## Churn" in text and re.search(r"^\| dac-plus \| [0-9.]+ \| [0-9.]+ \|", text, flags=re.M)
+    assert (out / "churn" / "dac-plus-seed0" / "summary.json").is_file()
+    assert (out / "churn" / "dac-plus-churn-seed0" / "summary.json").is_file()
     # --reuse renders again from the same runs without running them.
     before = {p: p.stat().st_mtime for p in summaries}
     proc = subprocess.run(

@@ -23,7 +23,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-Method = Literal["local", "random", "oracle", "pens", "dac", "dac-var"]
+Method = Literal["local", "random", "oracle", "pens", "dac", "dac-var", "dac-plus"]
 
 
 class ConfigError(ValueError):
@@ -102,10 +102,43 @@ class PolicyConfig(_Strict):
     similarity_weighted: bool = Field(False, description="DAC: weight pulled models by p_ij instead of data size")
     pens_sampled: int | None = Field(None, ge=1, description="PENS: peers sampled per round in phase 1 (default 2n)")
     pens_phase1_rounds: int = Field(10, ge=0, description="PENS: rounds of phase 1")
+    # DAC's options beyond the paper (policies/dac.py); None: the method's own value, off for
+    # dac and dac-var, the recommended one for dac-plus.
+    unknown_score: Literal["zero", "mean", "max"] | None = Field(
+        None, description="DAC: the score a never-scored peer is ranked with: zero (the paper), or the mean or max "
+                          "of the known scores (dac-plus: mean)")
+    relative_score: bool | None = Field(
+        None, description="DAC: the softmax sees each score over the best known one, so tau weighs loss ratios "
+                          "(false: the paper; dac-plus: true)")
+    explore: int | None = Field(
+        None, ge=0, le=1000, description="DAC: peers pulled and scored per round beyond n, never averaged in "
+                                         "(never-scored ones first; 0: none, the paper and dac-plus)")
+    drop_ratio: float | None = Field(
+        None, ge=0, le=1e6, description="DAC: a pulled model whose loss on my data exceeds this many times the "
+                                        "round's lowest gets no weight (0: average all, the paper; dac-plus: 2)")
+    fail_decay: float | None = Field(
+        None, gt=0, le=1, description="DAC: a failed pull multiplies that peer's score by this (1: the paper; dac-plus: 0.5)")
+    fail_limit: int | None = Field(
+        None, ge=0, le=1000, description="DAC: after this many failed pulls in a row a peer is forgotten and not drawn for "
+                                         "retry_rounds rounds, doubling per further failure (0: never, the paper; dac-plus: 2)")
+    retry_rounds: int | None = Field(
+        None, ge=1, le=1_000_000, description="DAC: rounds a peer that hit fail_limit is left out (default 5)")
     max_sample_ratio: float = Field(
         1.0, gt=0, le=1e6,
         description="a pulled model weighs at most this many times the puller's own training-set size in the "
                     "average (its n_samples is the sender's claim; 1: no peer outweighs my own data)")
+
+
+    @field_validator("drop_ratio")
+    @classmethod
+    def _drop_ratio(cls, v: float | None) -> float | None:
+        if v is not None and 0 < v <= 1:
+            raise ValueError("drop_ratio must be 0 (off) or above 1 (a ratio of losses)")
+        return v
+
+    def dac_options(self) -> dict[str, Any]:
+        """DAC's options beyond the paper, None where the method's own value applies."""
+        return {k: getattr(self, k) for k in ("unknown_score", "relative_score", "explore", "drop_ratio", "fail_decay", "fail_limit", "retry_rounds")}
 
 
 FULL_POOL_UP_TO = 33  # peers: up to here every peer keeps a socket to every other

@@ -196,6 +196,7 @@ class Peer:
         pull_s = time.perf_counter() - t_pull
         replies = [r for r in results if r.ok and r.message is not None]
         failed = {str(r.peer): r.reason for r in results if not r.ok}
+        failed_ids = [r.peer for r in results if not r.ok]
         ages, lags = _staleness(replies, step)
         nbytes = sum(r.nbytes for r in replies)
         scoring = self.policy.scores_models and bool(replies)
@@ -211,6 +212,8 @@ class Peer:
                 Pulled(r.peer, min(r.message.n_samples, cap), loss, r.message.scores)  # type: ignore[union-attr]
                 for r, loss in zip(replies, losses)
             ]
+            if failed_ids:
+                self.policy.pulls_failed(failed_ids)
             self.policy.update(pulled)
             weights = self.policy.mix_weights(self.n_samples, pulled)
             stats = self._aggregate_train(replies, weights)

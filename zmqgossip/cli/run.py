@@ -15,7 +15,7 @@ from .app import app, fail, out
 @app.command()
 def run(
     experiment: Optional[str] = typer.Argument(None, help="a preset name (see `zmqgossip presets`) or a TOML file"),
-    method: Optional[str] = typer.Option(None, help="local, random, oracle, pens, dac or dac-var (default: the experiment's)"),
+    method: Optional[str] = typer.Option(None, help="local, random, oracle, pens, dac, dac-var or dac-plus (default: the experiment's)"),
     schedule: Optional[str] = typer.Option(None, help="async or sequential (default: the experiment's)"),
     processes: Optional[int] = typer.Option(None, help="worker processes hosting the peers (default: the experiment's, else 1)"),
     set_: list[str] = typer.Option([], "--set", help="override a key, e.g. --set policy.tau=10 (repeatable)"),

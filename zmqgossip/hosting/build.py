@@ -135,6 +135,7 @@ def build_peers(
             cfg.method, pid, all_ids, n=cfg.policy.n, rng=np.random.default_rng([cfg.seed, pid]),
             clusters=clusters, tau=cfg.policy.tau, similarity_weighted=cfg.policy.similarity_weighted,
             pens_sampled=cfg.policy.pens_sampled, pens_phase1_rounds=cfg.policy.pens_phase1_rounds,
+            dac_options=cfg.policy.dac_options(),
         )
         transport = Transport(ctx, pid, directory, config=tcfg, expect=schema, links=links,
                               security=keyring.for_peer(pid) if keyring is not None else None, serving=serving)

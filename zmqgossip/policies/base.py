@@ -42,6 +42,10 @@ class Policy:
     def choose(self) -> list[int]:
         raise NotImplementedError
 
+    def pulls_failed(self, peers: Sequence[int]) -> None:
+        """This round's pulls of ``peers`` failed (called before :meth:`update`); the
+        paper's methods ignore that."""
+
     def update(self, pulled: Sequence[Pulled]) -> None:
         """Take in this round's pulled models (draw order) and advance ``t``."""
         self.t += 1
