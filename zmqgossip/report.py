@@ -30,13 +30,13 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 from .metrics import Event, RunDir, pull_matrix, tail_from, within_fraction
 
@@ -259,6 +259,11 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
 
 
 def _new_figure(w: float, h: float) -> Figure:
+    # matplotlib is imported when a plot is drawn: a run that only prints its table
+    # (every `zmqgossip run`, at its end) does not pay for it.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(w, h), layout="constrained")
     FigureCanvasAgg(fig)
     return fig
@@ -362,6 +367,8 @@ def _plot_heatmap(path: Path, title: str, run_dir: Path, clusters: Sequence[int]
         ax.set_xlabel("pulled peer (ordered by true cluster)")
         ax.set_ylabel("pulling peer (ordered by true cluster)")
         cb = fig.colorbar(im, ax=ax, shrink=0.85, label="successful pulls")
+        from matplotlib.ticker import MaxNLocator
+
         cb.locator = MaxNLocator(integer=True)
         cb.update_ticks()
     fig.suptitle(f"{title}: who pulled whom")
@@ -461,6 +468,8 @@ def _plot_staleness(path: Path, title: str, events: Mapping[int, list[Event]]) -
         lo, hi = min(lags), max(lags)
         width = max(1, (hi - lo + 1) // 60)  # one bar per step of lag, up to 60 bars
         ax2.hist(lags, bins=np.arange(lo - 0.5, hi + width + 0.5, width), rwidth=0.85, color="tab:orange")
+        from matplotlib.ticker import MaxNLocator
+
         ax2.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax2.set_title(f"lag: p50 {np.percentile(lags, 50):g}, p99 {np.percentile(lags, 99):g} steps")
     ax2.set_xlabel("lag (puller's step − sender's step; < 0: sender ahead)")
