@@ -4,7 +4,7 @@
     python benchmarks/results.py --quick    # a smoke check of the same pipeline (a test runs it)
 
 Every table in the document is produced here from run directories written by
-``zmqgossip.runner``/``zmqgossip.procs`` and rendered by ``zmqgossip.report``; each table is
+``zmqgossip.hosting`` and rendered by ``zmqgossip.report``; each table is
 preceded by the exact command that regenerates it.  Nothing in RESULTS.md is typed by hand
 except the discussion, which lives in ``docs/results_discussion.md`` and is pasted in.
 """

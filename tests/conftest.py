@@ -62,6 +62,7 @@ MODULE_TIERS: dict[str, str] = {
     "test_results": "slow",
     "test_wheel": "slow",
     "test_hosting": "sockets",
+    "test_dac_options": "unit",
     "test_limits": "processes",
     "test_sweep": "slow",
 }
@@ -97,6 +98,7 @@ TEST_TIERS: dict[str, str] = {
     "test_transport::test_thousand_peers_in_one_process_pull_without_failure_and_bounded_sockets": "slow",
     "test_conftest::test_every_test_module_has_a_tier_and_every_named_test_exists": "unit",
     "test_hosting::test_liveness_rules_name_their_phases": "unit",
+    "test_dac_options::test_dac_plus_stops_pulling_a_peer_that_died": "slow",
     "test_hosting::test_workers_split_peers_contiguously": "unit",
     "test_limits::test_stress_with_a_thousand_peers_in_the_default_mode_completes_without_a_failed_pull": "slow",
 }

@@ -59,9 +59,9 @@ def test_tuning_for_hosting_keeps_message_buffers_in_the_heap_and_big_tensors_on
 
 @pytest.mark.skipif(not GLIBC, reason="reads glibc's allocator")
 def test_hosting_peers_tunes_the_process(tmp_path):
-    run = (f"from zmqgossip import config, runner; "
+    run = (f"from zmqgossip import config, hosting; "
            f"cfg = config.load('label-digits', ['peers=6', 'rounds=1', 'data.n_train=20', 'train.epochs=1']); "
-           f"out = runner.run_local(cfg, {str(tmp_path / 'run')!r})['peer_rounds']")
+           f"out = hosting.run_experiment(cfg, {str(tmp_path / 'run')!r})['peer_rounds']")
     got = probe(run)
     assert got["out"] == 6 and not got["mmap"] and got["env_changed"].get("THP_MEM_ALLOC_ENABLE") == "1"
 

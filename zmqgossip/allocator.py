@@ -10,7 +10,7 @@ checking big models).
 
 Importing zmqgossip changes nothing: a program that only reads configs, runs the CLI's
 help or uses the wire codec keeps its allocator as it was. :func:`tune_for_hosting` is
-called where peers are hosted (``runner.host_peers``, ``stress.host_share``) and by the
+called where peers are hosted (``hosting.host_peers``, ``stress.host_share``) and by the
 commands that host them, before torch allocates anything. Settings the user made through
 the environment win. Only glibc is tuned; other C libraries are left as they are.
 """
