@@ -1,7 +1,7 @@
 """Where the workers of a run live, behind one small interface.
 
 A :class:`Place` hosts an experiment's peers and returns what the summary should say
-about its workers. Today's places: :class:`Tasks` (asyncio tasks in this process),
+about its workers. The places: :class:`Tasks` (asyncio tasks in this process),
 :class:`Processes` (spawned worker processes on this machine) and :class:`RosterHosts`
 (every host of a roster as a local worker, over loopback tcp). Each worker runs
 :func:`~zmqgossip.hosting.host.host_peers` for its share, so a new place adds only how
