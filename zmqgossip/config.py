@@ -158,8 +158,8 @@ class NetworkConfig(_Strict):
 
     def resolve(self, peers: int, processes: int) -> None:
         """Fill in what depends on the run: the pool size (small networks: one socket per
-        other peer, so none is ever closed and reopened, a churn that cost ~20% of the
-        event loop of 20 DAC peers; large ones: a bounded number per peer) and ipc for
+        other peer, so none is ever closed and reopened, a reconnect per pull being a large
+        share of the event loop's work; large ones: a bounded number per peer) and ipc for
         peers spread over processes."""
         if self.pool_size is None:
             self.pool_size = peers - 1 if peers <= FULL_POOL_UP_TO else SMALL_POOL

@@ -337,8 +337,7 @@ class SnapshotMemory:
     """Reusable memory for one publisher's model snapshots.
 
     A publisher snapshots its model every round. Fresh memory for each snapshot costs the
-    kernel's page faults on every large model (a 10 MB model: ~0.3 ms of faults on top of
-    the copy), so the snapshots of one publisher take turns in a few buffers instead.  A
+    kernel's page faults on every large model, on top of the copy, so the snapshots of one publisher take turns in a few buffers instead.  A
     buffer is reused only when nothing refers to it any more: no payload, no frame that
     ZeroMQ still sends, no tensor that a receiver in the same process decoded from it
     (an inproc receive shares the sender's memory).  Python's reference count says

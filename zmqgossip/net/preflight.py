@@ -26,9 +26,8 @@ def socket_budget(peers: int, pool_size: int, transport: str, secure: bool = Fal
     one at each end, and both ends live here when the peers share the process; each
     ipc/tcp inbox also holds the descriptor it listens on. A socket the LRU closes keeps
     its slot and descriptor until ZeroMQ's reaper thread frees them, and under load the
-    reaper falls behind by many sockets (1,000 peers pulling uniformly at random, with
-    pools of 8, ran out of slots at the exact count): half a pool per peer is kept free
-    for them. With CURVE (``secure``) each inbox has a monitor (two sockets) and the
+    reaper falls behind by many sockets (peers that pull uniformly at random close a
+    socket on most pulls): half a pool per peer is kept free for them. With CURVE (``secure``) each inbox has a monitor (two sockets) and the
     process one ZAP handler.
     """
     reaping = peers * max(1, pool_size // 2)
