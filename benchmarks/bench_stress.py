@@ -357,7 +357,7 @@ def bench_emulator(seconds: float, rounds: int) -> tuple[list[dict], dict]:
 
 
 def bench_many(quick: bool, seconds: float) -> list[dict]:
-    peers, procs = (2000, 2) if quick else (10_000, 5)
+    peers, procs = (2000, 2) if quick else (10_000, 6)
     runs = [
         (f"{peers:,} peers, fixed 2 neighbours, {seconds * 3:g} s after 1 warm-up round",
          StressConfig(peers=peers, payload_kb=1, duration_s=seconds * 3, fanout=2, neighbours=2, warmup_rounds=1,
