@@ -73,7 +73,7 @@ from .hosting.scenario import drive_timed
 from .hosting.workers import SpawnedWorkers, split_peers
 from .metrics import write_json_atomic
 from .links import Links, NetworkEmulation
-from .net import Transport, TransportConfig, make_directory, preflight
+from .net import Transport, TransportConfig, check_fits, make_directory, preflight
 from .wire import ModelPayload, schema_of
 
 DISTINCT_PAYLOAD_BYTES = 64 * 1024 * 1024  # random bytes per process before peers share buffers
@@ -195,12 +195,7 @@ def check_limits(cfg: StressConfig) -> None:
     Raises the soft descriptor limit of this process as far as needed (spawned workers
     inherit it).  Call before starting anything.
     """
-    biggest = max(len(s) for s in cfg.shares())
-    ctx = zmq.Context()
-    try:
-        preflight(ctx, biggest, cfg.pool_size, cfg.transport)
-    finally:
-        ctx.term()
+    check_fits(max(len(s) for s in cfg.shares()), cfg.pool_size, cfg.transport)
 
 
 def make_payloads(cfg: StressConfig, ids: Sequence[int]) -> dict[int, ModelPayload]:

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from ..config import ExperimentConfig
 from ..data import Partition
 from ..metrics import EventTail, RunDir
-from ..net import make_directory, preflight
+from ..net import check_fits, make_directory
 from .endpoints import remove_ipc
 from .host import host_peers
 from .scenario import EventHook
@@ -114,7 +114,8 @@ def host_in_workers(
     descriptor limit raised as far as allowed; workers inherit it), so a limit that
     cannot be met stops the run with what to raise before any worker starts.
     """
-    check_limits(cfg, max(len(s) for s in shares), secure=keys is not None)
+    assert cfg.network.pool_size is not None  # resolved by the config's validator
+    check_fits(max(len(s) for s in shares), cfg.network.pool_size, cfg.network.transport, secure=keys is not None)
     workers = SpawnedWorkers()
     t0 = run.config()["t0"]
     data = cfg.model_dump()
@@ -128,19 +129,6 @@ def host_in_workers(
         on_death=lambda k, code: report_death(k, shares[k], code),
     )
     return {"processes": len(shares), "workers": [o.as_dict() for o in outcomes]}
-
-
-def check_limits(cfg: ExperimentConfig, peers: int, *, secure: bool = False) -> None:
-    """Raise :class:`~zmqgossip.net.TransportError` if ``peers`` peers of ``cfg``
-    cannot fit in one process (sockets, descriptors)."""
-    import zmq
-
-    ctx = zmq.Context()
-    try:
-        assert cfg.network.pool_size is not None
-        preflight(ctx, peers, cfg.network.pool_size, cfg.network.transport, secure=secure)
-    finally:
-        ctx.term()
 
 
 @dataclass

@@ -21,12 +21,12 @@ from .directory import IPC_PATH_MAX, free_tcp_ports, ipc_dir, make_directory
 from .frames import prepared_frames
 from .inbox import Inbox, LinkModel
 from .pool import Dealer, SocketPool
-from .preflight import Budget, preflight, socket_budget
+from .preflight import Budget, check_fits, preflight, socket_budget
 from .pull import Pull, PullBatch, Puller, PullResult
 from .transport import Transport
 
 __all__ = [
-    "IPC_PATH_MAX", "Budget", "Counters", "Dealer", "Inbox", "LinkModel", "Pull", "PullBatch", "PullResult",
+    "IPC_PATH_MAX", "Budget", "Counters", "check_fits", "Dealer", "Inbox", "LinkModel", "Pull", "PullBatch", "PullResult",
     "Puller", "SocketPool", "Transport", "TransportConfig", "TransportError", "free_tcp_ports", "ipc_dir",
     "make_directory", "preflight", "prepared_frames", "routing_id", "socket_budget",
 ]

@@ -70,3 +70,13 @@ def preflight(ctx: zmq.Context, peers: int, pool_size: int, transport: str, secu
             f"Spread the peers over more processes or lower pool_size."
         )
     return need
+
+
+def check_fits(peers: int, pool_size: int, transport: str, secure: bool = False) -> Budget:
+    """:func:`preflight` on a throwaway context: in a parent before it starts workers, it
+    raises the descriptor limit they inherit, or fails with what to raise."""
+    ctx = zmq.Context()
+    try:
+        return preflight(ctx, peers, pool_size, transport, secure)
+    finally:
+        ctx.term()
