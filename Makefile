@@ -12,12 +12,17 @@ $(STAMP): pyproject.toml setup.py
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# The tests need Ray (the cluster tests); `make run` does not.
+$(VENV)/.installed-ray: $(STAMP)
+	$(BIN)/pip install -q -e '.[test,ray]'
+	touch $@
+
 run: $(STAMP)
 	rm -rf runs/label-digits
 	$(BIN)/zmqgossip run label-digits --out runs/label-digits
 
 # Everything (CI runs this).
-test: $(STAMP)
+test: $(VENV)/.installed-ray
 	$(BIN)/python -m pytest -q tests
 
 # The fast tier: tests in this process, with or without sockets (markers: pyproject.toml).

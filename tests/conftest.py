@@ -62,6 +62,9 @@ MODULE_TIERS: dict[str, str] = {
     "test_results": "slow",
     "test_wheel": "slow",
     "test_hosting": "sockets",
+    "test_cluster": "processes",
+    "test_cluster_input": "processes",
+    "test_mirror": "unit",
     "test_dac_options": "unit",
     "test_limits": "processes",
     "test_sweep": "slow",
@@ -126,9 +129,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # ------------------------------------------------------------------ child processes
 
 
+#: Child processes a longer-lived fixture owns (a module's Ray cluster): kept between its
+#: tests, and checked by that fixture when it ends.
+FIXTURE_PIDS: set[int] = set()
+
+
 def _helper_pids() -> set[int]:
-    """multiprocessing's own long-lived helpers (resource tracker, forkserver): keep them."""
-    keep = set()
+    """multiprocessing's own long-lived helpers (resource tracker, forkserver), and the
+    processes of a fixture that outlives one test: keep them."""
+    keep = set(FIXTURE_PIDS)
     try:
         from multiprocessing import resource_tracker
 

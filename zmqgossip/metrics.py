@@ -61,6 +61,14 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """``data`` into ``path`` through a temporary file and a rename (not synced)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
 def read_jsonl(path: Path) -> list[dict]:
     """All complete lines of a JSONL file; a torn last line (crash) is skipped."""
     out = []

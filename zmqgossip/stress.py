@@ -451,8 +451,17 @@ class StressError(RuntimeError):
     """A stress run that could not complete (a worker died, ...)."""
 
 
-def run_stress(cfg: StressConfig) -> dict[str, Any]:
-    """Run one stress configuration; return its figures (see :func:`combine`)."""
+def run_stress(cfg: StressConfig, *, ray: str | None = None, advertise: str | None = None) -> dict[str, Any]:
+    """Run one stress configuration; return its figures (see :func:`combine`).
+
+    ``ray``: host the workers (``cfg.processes`` of them, over tcp) as actors of a Ray
+    cluster (``auto``, ``local`` or an address; see :mod:`zmqgossip.hosting.cluster`).
+    """
+    if ray is not None:
+        if cfg.mode != "processes" or cfg.transport != "tcp":
+            raise StressError("a stress run on Ray needs mode 'processes' and transport 'tcp'")
+        t0 = time.perf_counter()
+        return combine(cfg, _run_on_ray(cfg, cfg.shares(), ray, advertise), total_s=time.perf_counter() - t0)
     check_limits(cfg)  # before anything: a clear message if the limits are too low
     t0 = time.perf_counter()
     shares = cfg.shares()
@@ -499,6 +508,35 @@ def _run_workers(cfg: StressConfig, shares: list[list[int]], directory: Mapping[
         return parts
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+async def stress_share(*, directory: dict[int, str], stage: Path, cfg_data: dict, ids: list[int],
+                       meet_with: list[int]) -> dict[str, Any]:
+    """One Ray actor's share of a stress run (its figures come back as its result)."""
+    torch.set_num_threads(1)
+    return await host_share(StressConfig.model_validate(cfg_data), ids, directory, meet_with=meet_with)
+
+
+def _run_on_ray(cfg: StressConfig, shares: list[list[int]], address: str, advertise: str | None) -> list[dict]:
+    from .hosting.cluster import ActorPool, RayConnection
+
+    with RayConnection(address), ActorPool(shares, into=None, advertise=advertise, grace_s=10.0) as pool:
+        directory = pool.bind(cfg.pool_size, False)
+        args = [{"cfg_data": cfg.model_dump(), "ids": s, "meet_with": [o[0] for o in shares if o is not s]}
+                for s in shares]
+        pool.start(stress_share, args, directory)
+        # One dead worker fails the run: the others are stopped rather than left waiting for it.
+        outcomes = pool.watch(poll_s=0.2, on_death=lambda k, why: pool.stop())
+    parts, errors = [], []
+    for o in outcomes:
+        if o.state == "done" and isinstance(o.result, dict) and "error" not in o.result:
+            parts.append({**o.result, "node_id": o.where["node_id"]})
+        else:
+            errors.append(f"worker {o.worker} (peers {o.peers[0]}..{o.peers[-1]}) on node {o.where['node_id'][:8]}: "
+                          f"{o.error or o.state}")
+    if errors:
+        raise StressError("; ".join(errors))
+    return parts
 
 
 def _q(values: np.ndarray, p: float) -> float | None:
@@ -562,6 +600,7 @@ def combine(cfg: StressConfig, parts: Sequence[dict], *, total_s: float | None =
         "rss_mb": [round(p["rss_mb"], 1) for p in parts],
         "rss_mb_max": max(p["rss_mb"] for p in parts),
         "links": combine_links([p["links"] for p in parts if p.get("links") is not None]),
+        **({"nodes": [p["node_id"] for p in parts]} if any("node_id" in p for p in parts) else {}),
     }
 
 

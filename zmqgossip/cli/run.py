@@ -23,6 +23,14 @@ def run(
     seed: Optional[int] = typer.Option(None, help="random seed (default: the experiment's)"),
     roster: Optional[Path] = typer.Option(None, help="run every host of this roster as a local worker (loopback tcp)"),
     resume: Optional[Path] = typer.Option(None, help="finish an interrupted or crashed run from its peers' checkpoints"),
+    ray: Optional[str] = typer.Option(None, "--ray", help=(
+        "host the peers on a Ray cluster: auto (a running one: `ray start --head`), local (a private one "
+        "on this machine) or its ADDRESS")),
+    workers: Optional[int] = typer.Option(None, help="with --ray: worker actors (default: one per CPU of the cluster)"),
+    advertise: Optional[str] = typer.Option(None, help=(
+        "with --ray: the address every worker binds its peers at (default: its node's; per node: "
+        "ZMQGOSSIP_ADVERTISE in the environment of `ray start`)")),
+    curve: bool = typer.Option(False, "--curve", help="with --ray: CURVE on every link, fresh keys for this run"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress display"),
     report: bool = typer.Option(True, help="write the report plots at the end"),
 ) -> None:
@@ -38,6 +46,10 @@ def run(
     from ..net import TransportError
 
     overrides = list(set_)
+    if ray is None and (workers is not None or advertise is not None or curve):
+        fail("--workers, --advertise and --curve go with --ray (a roster sets CURVE with security = \"curve\")")
+    if ray is not None and (roster is not None or processes is not None):
+        fail("--ray places the workers itself: leave out --roster and --processes")
     if processes is not None:
         overrides.append(f"compute.processes={processes}")
     place: Place | None = None
@@ -67,6 +79,12 @@ def run(
         else:
             cfg = config_mod.load(experiment, overrides, method=method, schedule=schedule, seed=seed)
         check_model(cfg, build_partition(cfg))  # no data folder, a bad shift or model: fails before anything starts
+        if ray is not None:
+            from ..hosting.cluster import RayActors, check_workers, import_ray
+
+            import_ray()
+            check_workers(workers, cfg.peers)
+            place = RayActors(ray, workers, advertise=advertise, curve=curve)
     except (config_mod.ConfigError, DataError, ValueError) as e:
         fail(str(e))
     run_dir = out_dir or Path("runs") / f"{cfg.name}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -127,6 +128,9 @@ def stress(
     sweep_peers: Optional[str] = typer.Option(None, "--sweep-peers", help="sweep: peer counts, e.g. 10,100,1000"),
     sweep_payload_kb: Optional[str] = typer.Option(None, "--sweep-payload-kb", help="sweep: payloads in KiB, e.g. 1,256"),
     out_dir: Path = typer.Option(Path("stress-out"), "--out", help="sweep: where sweep.csv and sweep.png go"),
+    ray: Optional[str] = typer.Option(None, "--ray", help="workers as actors of a Ray cluster: auto, local or its ADDRESS (tcp)"),
+    workers: Optional[int] = typer.Option(None, help="with --ray: worker actors (default: one per CPU of the cluster)"),
+    advertise: Optional[str] = typer.Option(None, help="with --ray: the address every worker binds its peers at"),
 ) -> None:
     """Stress the transport: peers pull random tensors from each other; print a table and one JSON line."""
     from ..allocator import tune_for_hosting
@@ -159,6 +163,15 @@ def stress(
         "network": {k: v for k, v in (("transport", transport), ("pool_size", pool_size), ("timeout_s", timeout),
                                       ("hwm", hwm)) if v is not None},
     }
+    if ray is None and (workers is not None or advertise is not None):
+        fail("--workers and --advertise go with --ray")
+    if ray is not None:
+        if transport not in (None, "tcp"):
+            fail(f"--ray runs over tcp between nodes, not {transport}")
+        if sweep_peers is not None or sweep_payload_kb is not None:
+            fail("--ray runs one configuration: leave out --sweep-peers and --sweep-payload-kb")
+        raw["mode"] = "processes"
+        raw["network"]["transport"] = "tcp"
     sp = _list(sweep_peers, int, "--sweep-peers")
     skb = _list(sweep_payload_kb, float, "--sweep-payload-kb")
     if sp is not None or skb is not None:
@@ -173,22 +186,35 @@ def stress(
                 StressConfig.model_validate({**raw, "peers": n})
     except ValueError as e:
         fail(_validation_message(e))
-    try:
-        if sp is None:
-            results = [run_stress(cfg)]
-            title = f"zmqgossip stress · {cfg.mode} · {cfg.transport} · fan-out {cfg.fanout}"
-            figures: dict[str, Any] = {"stress": results[0]}
-        else:
+    with contextlib.ExitStack() as held:
+        if ray is not None:
+            from ..hosting.cluster import ClusterError, RayConnection, check_workers, default_workers
 
-            def progress(r: dict[str, Any]) -> None:
-                typer.echo(f"  {r['peers']} peers x {r['payload_kb']:g} KiB: {r['pulls_per_s']:,.0f} pulls/s, "
-                           f"{r['failed']} failed", err=True)
+            try:
+                check_workers(workers, peers)
+                conn = held.enter_context(RayConnection(ray))  # held for the run
+                raw["processes"] = workers or default_workers(conn.cpus(), peers)
+                cfg = StressConfig.model_validate(raw)
+            except ClusterError as e:
+                fail(str(e))
+            except ValueError as e:
+                fail(_validation_message(e))
+        try:
+            if sp is None:
+                results = [run_stress(cfg, ray=ray, advertise=advertise)]
+                title = f"zmqgossip stress · {'ray' if ray else cfg.mode} · {cfg.transport} · fan-out {cfg.fanout}"
+                figures: dict[str, Any] = {"stress": results[0]}
+            else:
 
-            results, csv_path, png_path = run_sweep(cfg, sp, skb, out_dir, on_result=progress)
-            title = f"zmqgossip stress sweep · {cfg.mode} · {cfg.transport} · fan-out {cfg.fanout}"
-            figures = {"sweep": results, "csv": str(csv_path), "png": str(png_path)}
-    except (TransportError, StressError) as e:
-        fail(str(e))
+                def progress(r: dict[str, Any]) -> None:
+                    typer.echo(f"  {r['peers']} peers x {r['payload_kb']:g} KiB: {r['pulls_per_s']:,.0f} pulls/s, "
+                               f"{r['failed']} failed", err=True)
+
+                results, csv_path, png_path = run_sweep(cfg, sp, skb, out_dir, on_result=progress)
+                title = f"zmqgossip stress sweep · {cfg.mode} · {cfg.transport} · fan-out {cfg.fanout}"
+                figures = {"sweep": results, "csv": str(csv_path), "png": str(png_path)}
+        except (TransportError, StressError) as e:
+            fail(str(e))
     # Wider than a pipe's default 80 columns, so the table is not folded in logs.
     console = Console(width=max(out.width, 132))
     console.print(result_table(results, title))
