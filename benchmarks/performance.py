@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHMARKS = ["wire", "transport", "stress", "peers", "processes", "reference", "learning", "fuzz", "sweep"]
+BENCHMARKS = ["wire", "transport", "stress", "peers", "processes", "reference", "learning", "fuzz", "sweep", "cluster"]
 
 
 @dataclass(frozen=True)
@@ -140,6 +140,20 @@ def _sweep(line: dict[str, Any]) -> Iterator[Row]:
               line["cold_overhead_s_median"], "a cold `zmqgossip run`'s", None)
 
 
+def _cluster(line: dict[str, Any]) -> Iterator[Row]:
+    yield Row(f"{line['peers']} DAC peers (digits MLP) on 2 Ray actors over a 2-node local cluster (steady state)",
+              line["ray"]["steady_rate"], "peer-rounds/s", line["processes"]["steady_rate"],
+              "the same run on 2 worker processes", line["ratio_steady_ray_vs_processes"], Target(0.9))
+    yield Row("the same run's start-up on Ray (command start to first update)", line["ray"]["startup_s"], "s",
+              line["processes"]["startup_s"], "on 2 worker processes", None)
+    sc = line["scale"]
+    yield Row(f"{sc['peers']:,} DAC peers over 2 Ray nodes ({sc['failed_peers']} failed; peak RSS per worker "
+              f"{', '.join(f'{x:.0f}' for x in sc['rss_mb'])} MB)", sc["steady_rate"], "peer-rounds/s", None, "", None)
+    st = line["stress"]
+    yield Row(f"{st['peers']:,} stress peers over {st['workers']} Ray workers ({st['failed']} failed pulls)",
+              st["pulls_per_s"], "pulls/s", None, "", None)
+
+
 def _sizes(line: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
     for key, r in line.items():
         if isinstance(r, dict) and "ratio_both_vs_memcpy" in r:
@@ -149,6 +163,7 @@ def _sizes(line: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
 ROWS: dict[str, Callable[[dict[str, Any]], Iterator[Row]]] = {
     "wire": _wire, "transport": _transport, "stress": _stress, "peers": _peers,
     "processes": _processes, "reference": _reference, "learning": _learning, "fuzz": _fuzz, "sweep": _sweep,
+    "cluster": _cluster,
 }
 assert list(ROWS) == BENCHMARKS
 

@@ -114,6 +114,14 @@ def test_sweep_benchmark_times_a_sweep_and_the_same_runs_one_by_one(run_quick):
     assert line["cold_rounds_s_median"] > 0 and line["cold_start_s_median"] > 0 and line["cold_end_s_median"] > 0
 
 
+def test_cluster_benchmark_runs_the_same_run_on_processes_and_on_ray_nodes(run_quick):
+    line = run_quick("cluster")
+    assert line["ray"]["steady_rate"] > 0 and line["processes"]["steady_rate"] > 0
+    assert [r["nodes"] for r in line["runs"]["ray"]] == [2]  # one actor on each node
+    assert line["scale"]["failed_peers"] == 0 and line["scale"]["nodes"] == 2 and len(line["scale"]["rss_mb"]) == 2
+    assert line["stress"]["failed"] == 0 and line["stress"]["nodes"] == 2
+
+
 def test_the_performance_document_has_a_row_per_figure_of_every_benchmark(quick):
     assert quick["proc"].returncode == 0, quick["proc"].stderr[-3000:]
     summary = json.loads(quick["proc"].stdout.strip().splitlines()[-1])

@@ -238,3 +238,79 @@ def assert_refused(args: list[str], says: str, cwd: Path, code: str = "from zmqg
     assert p.returncode == 2, p.stderr[-2000:]
     assert says in p.stderr and p.stderr.count("\n") <= 2, p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_ctrl_c_on_the_driver_stops_every_actor_and_keeps_partial_results(cluster, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = cli("run", "label-digits", "--ray", cluster.address, "--workers", "2", "--set", "rounds=200",
+               "--out", str(run_dir), "--quiet", "--no-report", cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()
+            if all((run_dir / "events" / f"peer-{p}.jsonl").exists() for p in (0, 19)):
+                break
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err[-3000:]
+    assert "interrupted: partial results" in err
+    results = RunDir.reader(run_dir).results()
+    assert len(results) == 20 and {r["status"] for r in results.values()} == {"interrupted"}
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert s["failed_peers"] == list(range(20)) and [w["state"] for w in s["workers"]] == ["stopped", "stopped"]
+    deadline = time.monotonic() + 30
+    while actor_pids() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert actor_pids() == []  # no actor outlives its driver
+
+
+FAULTY = """
+name = "faulty-on-ray"
+method = "dac-var"
+peers = 20
+rounds = 10
+[data]
+dataset = "digits"
+shift = "label"
+groups = [[0, 1, 8, 9], [2, 3, 4, 5, 6, 7]]
+fractions = [0.4, 0.6]
+n_train = 50
+n_val = 20
+test_per_class = 30
+[train]
+model = "mlp"
+test_every = 5
+[network]
+timeout_s = 1.0
+[links.default]
+loss = 0.05
+latency = { dist = "constant", mean_ms = 5 }
+[[links.scenario]]
+at_s = 0.5
+action = "partition"
+groups = [[0, 1, 2, 3, 4, 5, 6, 7, 8, 9], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19]]
+[[links.scenario]]
+at_s = 2.5
+action = "heal"
+"""
+
+
+def test_link_emulation_and_a_scenario_apply_across_nodes(cluster, tmp_path):
+    exp = tmp_path / "faulty.toml"
+    exp.write_text(FAULTY)
+    run_dir = tmp_path / "run"
+    code, out, err = run_cli("run", str(exp), "--ray", cluster.address, "--workers", "2", "--out", str(run_dir),
+                             "--quiet", "--no-report", cwd=tmp_path)
+    assert code == 0, err[-3000:]
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert s["failed_peers"] == [] and len({w["node_id"] for w in s["workers"]}) == 2
+    links = s["links"]  # both workers' emulator logs reached the driver and were summed
+    assert links["messages"] > 0 and links["dropped"] > 0 and links["partitioned"] > 0
+    assert links["delay_p50_ms"] >= 5
+    actions = [e["action"] for e in s["scenario"]]
+    assert actions.count("partition") == 2 and actions.count("heal") == 2  # applied on each node

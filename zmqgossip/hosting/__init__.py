@@ -8,6 +8,8 @@
 ``host``            the one host loop every worker runs for its share of the peers
 ``workers``         spawned worker processes, started and watched
 ``places``          where workers run: tasks, processes, roster hosts
+``cluster``         where workers run: actors of a Ray cluster (``RayActors``; optional)
+``mirror``          a worker's run files copied to the driver's run directory
 ``endpoints``       what a run's endpoints leave behind, removed
 ``runs``            a run from its directory to its summary
 ==================  ==============================================================

@@ -18,6 +18,7 @@ import asyncio
 import json
 import os
 import platform
+import resource
 import shutil
 import socket
 import tempfile
@@ -169,7 +170,7 @@ class PeerWorker:
             state = self.state  # read first: a share that ended has written everything
             changes = [c.as_tuple() for c in self.mirror.changes()]
             return {"state": state, "error": self.error, "result": self.result if state == "done" else None,
-                    "changes": changes}
+                    "changes": changes, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
     def stop(self, grace_s: float = 30.0) -> str:
         """Cancel the share (it writes its partial results) and wait up to ``grace_s``."""
@@ -266,9 +267,10 @@ class WorkerOutcome:
     state: str = "running"
     error: str | None = None
     result: Any = None
+    rss_mb: float | None = None  # peak resident memory of the actor's process, last reported
 
     def as_dict(self) -> dict[str, Any]:
-        return {"worker": self.worker, "peers": self.peers, **self.where, "state": self.state,
+        return {"worker": self.worker, "peers": self.peers, **self.where, "state": self.state, "rss_mb": self.rss_mb,
                 **({"error": self.error} if self.error else {})}
 
 
@@ -351,6 +353,7 @@ class ActorPool:
                 if on_death is not None:
                     on_death(k, o.error)
                 continue
+            o.rss_mb = got["rss_mb"]
             changes = [Change(*c) for c in got["changes"]]
             if self.into is not None and changes:
                 apply_changes(self.into, changes)
@@ -467,9 +470,11 @@ class RayActors:
     curve: bool = False
     poll_s: float = 0.5
     grace_s: float = 30.0
+    _outcomes: list[WorkerOutcome] = field(default_factory=list, init=False, repr=False)
 
     def describe(self, cfg: ExperimentConfig) -> dict[str, Any]:
-        return {"ray": {"address": self.address}, "workers": []}
+        return {"ray": {"address": self.address}, "processes": len(self._outcomes),
+                "security": "curve" if self.curve else "none", "workers": [o.as_dict() for o in self._outcomes]}
 
     def host(
         self, cfg: ExperimentConfig, run: RunDir, *, part: Partition | None, on_event: EventHook | None, resume: bool,
@@ -486,6 +491,7 @@ class RayActors:
             t0 = run.config()["t0"]
             data = cfg.model_dump()
             with ActorPool(shares, into=run.root, seed=seed, advertise=self.advertise, grace_s=self.grace_s) as pool:
+                self._outcomes = pool.outcomes  # the summary's, should hosting end early
                 directory = pool.bind(cfg.network.pool_size, self.curve)
                 # Which ports the peers use, for a user (or a firewall rule) to look up.
                 write_json_atomic(run.root / "endpoints.json", {str(p): e for p, e in sorted(directory.items())})

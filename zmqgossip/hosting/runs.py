@@ -50,9 +50,11 @@ def run_experiment(
     run = RunDir(Path(out)) if resume else prepare_run(cfg, Path(out), part)
     place = place or default_place(cfg)
     start = time.perf_counter()
-    extra = place.describe(cfg)
+    extra: dict[str, Any] | None = None
     try:
         extra = place.host(cfg, run, part=part, on_event=on_event, resume=resume)
     finally:
+        if extra is None:  # hosting ended early (Ctrl-C, an error): what the place knows
+            extra = place.describe(cfg)
         summary = summarize(run, wall_s=time.perf_counter() - start, extra=extra)
     return summary
