@@ -17,7 +17,7 @@ real CLI:
     failures (target: none).
 
 Ends with one JSON line. Run:
-``python benchmarks/bench_cluster.py [--quick] [--peers 100] [--rounds 10] [--repeat 2]
+``python benchmarks/bench_cluster.py [--quick] [--peers 100] [--rounds 20] [--repeat 3]
 [--scale-peers 1000] [--stress-peers 10000] [--stress-workers 6]``.
 """
 
@@ -77,8 +77,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--quick", action="store_true", help="small runs: checks the script, not the speed")
     ap.add_argument("--peers", type=int, default=100)
-    ap.add_argument("--rounds", type=int, default=10)
-    ap.add_argument("--repeat", type=int, default=2, help="processes/Ray pairs, interleaved (medians reported)")
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--repeat", type=int, default=3, help="processes/Ray pairs, interleaved (medians reported)")
     ap.add_argument("--scale-peers", type=int, default=1000)
     ap.add_argument("--scale-rounds", type=int, default=3)
     ap.add_argument("--stress-peers", type=int, default=10_000)
