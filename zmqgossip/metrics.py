@@ -53,20 +53,42 @@ def dumps(obj: Any) -> str:
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write then rename: a reader sees the old file or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, default=_json_default, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_bytes_atomic(path, json.dumps(obj, default=_json_default, indent=1).encode(), durable=True)
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """``data`` into ``path`` through a temporary file and a rename (not synced)."""
+def write_bytes_atomic(path: Path, data: bytes, *, durable: bool = False) -> None:
+    """``data`` into ``path`` through a temporary file and a rename; ``durable``: synced
+    to the disk before the rename."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def read_new_lines(path: str | Path, offset: int) -> bytes:
+    """The complete lines of an appended file after ``offset`` (a torn last line waits
+    for its end); b"" for none, or no file yet."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except FileNotFoundError:
+        return b""
+    return data[: data.rfind(b"\n") + 1]
+
+
+def parse_events(lines: bytes, peer: int) -> list["Event"]:
+    """The event lines among ``lines`` of peer ``peer``'s file (others are skipped)."""
+    out = []
+    for line in lines.splitlines():
+        try:
+            out.append(Event.from_dict(json.loads(line), peer))
+        except (ValueError, TypeError):
+            continue
+    return out
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -164,21 +186,10 @@ class EventTail:
 
     def poll(self, on_event: Callable[[Event], None]) -> None:
         for p, off in self.offsets.items():
-            try:
-                with open(self.run.events_path(p), "rb") as f:
-                    f.seek(off)
-                    data = f.read()
-            except FileNotFoundError:
-                continue
-            end = data.rfind(b"\n") + 1
-            if not end:
-                continue
-            self.offsets[p] = off + end
-            for line in data[:end].splitlines():
-                try:
-                    on_event(Event.from_dict(json.loads(line), p))
-                except (ValueError, TypeError):
-                    continue
+            data = read_new_lines(self.run.events_path(p), off)
+            self.offsets[p] = off + len(data)
+            for e in parse_events(data, p):
+                on_event(e)
 
 
 @dataclass

@@ -15,7 +15,6 @@ cluster is used.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import platform
 import resource
@@ -32,7 +31,7 @@ from typing import Any
 
 from ..config import ConfigError, ExperimentConfig
 from ..data import Partition
-from ..metrics import Event, RunDir, write_json_atomic
+from ..metrics import Event, RunDir, parse_events, write_json_atomic
 from ..net import TransportError, check_fits
 from .mirror import Change, Mirror, apply_changes, seed_files
 from .scenario import EventHook
@@ -239,10 +238,15 @@ class RayConnection:
             self.owned = False
 
     def cpus(self) -> float:
-        return float(import_ray().cluster_resources().get("CPU", 0.0))
+        return cluster_cpus()
 
     def nodes(self) -> list[dict[str, Any]]:
         return [n for n in import_ray().nodes() if n.get("Alive")]
+
+
+def cluster_cpus() -> float:
+    """The CPUs the attached cluster offers, all nodes together."""
+    return float(import_ray().cluster_resources().get("CPU", 0.0))
 
 
 def default_workers(cpus: float, peers: int) -> int:
@@ -292,7 +296,7 @@ class ActorPool:
         self.into = into
         self.grace_s = grace_s
         n = len(self.shares)
-        cpus = float(ray.cluster_resources().get("CPU", 0.0))
+        cpus = cluster_cpus()
         # Each worker takes an equal slice of the cluster's CPUs (at most one): a SPREAD
         # placement group then puts two workers of a two-node cluster on the two nodes.
         per = min(1.0, int(cpus / n * 1000) / 1000) if cpus else 0.0
@@ -439,17 +443,12 @@ def events_of(changes: Sequence[Change]) -> list[Event]:
     """The event lines among ``changes`` (progress for the driver)."""
     out = []
     for c in changes:
-        if not (c.append and c.path.startswith("events/peer-")):
-            continue
-        try:
-            peer = int(c.path.rsplit("-", 1)[1].split(".", 1)[0])
-        except ValueError:
-            continue
-        for line in c.data.splitlines():
+        if c.append and c.path.startswith("events/peer-"):
             try:
-                out.append(Event.from_dict(json.loads(line), peer))
-            except (ValueError, TypeError):
+                peer = int(c.path.rsplit("-", 1)[1].split(".", 1)[0])
+            except ValueError:
                 continue
+            out += parse_events(c.data, peer)
     return out
 
 

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..metrics import write_bytes_atomic
+from ..metrics import read_new_lines, write_bytes_atomic
 
 #: Folders of a run directory whose files a worker writes (relative to its root), and
 #: the top-level files it writes (``links-N.json``, ``scenario-N.json``).
@@ -71,14 +71,11 @@ class Mirror:
                 break
             if rel.startswith(APPENDED + "/"):
                 off = self._offsets.get(rel, 0)
-                with open(entry.path, "rb") as f:
-                    f.seek(off)
-                    data = f.read()
-                end = data.rfind(b"\n") + 1  # a torn last line waits for its end
-                if end:
-                    out.append(Change(rel, data[:end], True))
-                    self._offsets[rel] = off + end
-                    size += end
+                data = read_new_lines(entry.path, off)
+                if data:
+                    out.append(Change(rel, data, True))
+                    self._offsets[rel] = off + len(data)
+                    size += len(data)
                 continue
             st = entry.stat()
             stamp = (st.st_size, st.st_mtime_ns)
