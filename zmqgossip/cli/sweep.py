@@ -35,7 +35,7 @@ def sweep(
         methods = sweep_mod.parse_values(method, "--method") if method is not None else None
         seeds = sweep_mod.parse_seeds(seed) if seed is not None else None
         specs = sweep_mod.expand(experiment, methods=methods, seeds=seeds, sets=set_, fixed=fixed)
-        total = sweep_mod.total_peer_rounds(experiment, specs)
+        total = sweep_mod.total_peer_rounds(specs)
     except sweep_mod.SweepError as e:
         fail(str(e))
     root = out_dir or Path("runs") / f"sweep-{Path(experiment).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -53,13 +53,13 @@ def sweep(
 
         def ran(spec: "sweep_mod.RunSpec", how: str) -> None:
             if how == "done before":
-                cfg_total = sweep_mod.total_peer_rounds(experiment, [spec])
+                cfg_total = sweep_mod.total_peer_rounds([spec])
                 progress.done += cfg_total
             elif not quiet:
                 typer.echo(f"  {spec.name}: {how}", err=True)
 
         try:
-            dirs = sweep_mod.run_sweep(experiment, specs, root, parallel=parallel, on_progress=follow, on_run=ran)
+            dirs = sweep_mod.run_sweep(specs, root, parallel=parallel, on_progress=follow, on_run=ran)
         except sweep_mod.SweepError as e:
             fail(str(e))
         except KeyboardInterrupt:
