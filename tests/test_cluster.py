@@ -21,6 +21,7 @@ import psutil
 import pytest
 
 import conftest
+from _helpers import default_sigint
 from zmqgossip.metrics import RunDir
 
 ray_cluster_utils = pytest.importorskip("ray.cluster_utils")  # `make test` installs zmqgossip[ray]
@@ -70,7 +71,7 @@ def _cmdline(p: psutil.Process) -> list[str]:
 def cli(*args: str, cwd: Path) -> subprocess.Popen:
     env = {**os.environ, **LOOPBACK_ENV, "COLUMNS": "200", "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-c", "from zmqgossip.cli import app; app()", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
 
 
 def run_cli(*args: str, cwd: Path, timeout: float = 240) -> tuple[int, str, str]:
@@ -256,7 +257,7 @@ def test_ctrl_c_on_the_driver_stops_every_actor_and_keeps_partial_results(cluste
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    assert proc.returncode == 130, err[-3000:]
+    assert proc.returncode == 130, (out[-2000:], err[-3000:])
     assert "interrupted: partial results" in err
     results = RunDir.reader(run_dir).results()
     assert len(results) == 20 and {r["status"] for r in results.values()} == {"interrupted"}
