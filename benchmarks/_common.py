@@ -126,3 +126,40 @@ def environment() -> dict[str, object]:
 def json_line(name: str, figures: dict[str, object]) -> None:
     """The one machine-readable line a benchmark ends with."""
     print(json.dumps({"benchmark": name, **figures}, sort_keys=False, default=float))
+
+
+def rounds_span(run_dir: Path) -> tuple[float, float, float]:
+    """A run's rounds in wall-clock seconds: (first update's start, last update's end, span),
+    from its event files (event times count from the run's round 0)."""
+    from zmqgossip.metrics import RunDir
+
+    rd = RunDir.reader(run_dir)
+    events = [e for evs in rd.all_events().values() for e in evs]
+    round0 = min(r["round0_t"] for r in rd.results().values())
+    start = round0 + min(e.t - e.dt for e in events)
+    end = round0 + max(e.t for e in events)
+    return start, end, end - start
+
+
+def protocol_s(run_dir: Path) -> tuple[float, float]:
+    """Seconds of the paper's protocol outside a run's rounds: (warm-up training before
+    round 0, final test evaluation), the slowest hosting process's, from its timeline."""
+    from zmqgossip.metrics import RunDir
+
+    timeline = RunDir.reader(run_dir).summary().get("timeline") or []
+    warmup = max((t["warmed_up"] - t["built"] for t in timeline if "warmed_up" in t and "built" in t), default=0.0)
+    final = max((t["evaluated"] - t["rounds_done"] for t in timeline if "evaluated" in t and "rounds_done" in t),
+                default=0.0)
+    return warmup, final
+
+
+def cold_split(run_dir: Path, launched: float, exited: float) -> dict[str, float]:
+    """Where a command's time went: launch to the first update (``start_s``), the rounds,
+    the last update to exit (``end_s``); and of these, the paper's protocol: the warm-up
+    training before round 0 and the final test evaluation (the slowest hosting process's,
+    from the summary's timeline). ``launched``/``exited``: wall-clock times."""
+    first, last, span = rounds_span(run_dir)
+    warmup, final = protocol_s(run_dir)
+    outside = (exited - launched) - span
+    return {"wall_s": exited - launched, "start_s": first - launched, "rounds_s": span, "end_s": exited - last,
+            "outside_s": outside, "warmup_s": warmup, "final_eval_s": final, "ours_s": outside - warmup - final}

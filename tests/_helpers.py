@@ -147,3 +147,33 @@ async def close_all(ts: Mapping[int, Transport] | Iterable[Transport]) -> None:
     """Close every transport (a dict of them, as ``started`` returns, or any iterable)."""
     for t in ts.values() if isinstance(ts, Mapping) else ts:
         await t.close()
+
+
+def _proc_children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(x) for x in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return sorted(set(out))
+
+
+def _proc_cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def worker_pids(parent: int) -> list[int]:
+    """The worker processes a ``zmqgossip run`` process started: forked by its forkserver
+    (zmqgossip.warm), or spawned directly; never multiprocessing's resource tracker."""
+    out: list[int] = []
+    for c in _proc_children(parent):
+        cmd = _proc_cmdline(c)
+        if "multiprocessing.forkserver" in cmd:
+            out += _proc_children(c)
+        elif ("spawn_main" in cmd or "multiprocessing-fork" in cmd) and "resource_tracker" not in cmd:
+            out.append(c)
+    return sorted(out)

@@ -9,6 +9,7 @@ starts clean.
 
 from __future__ import annotations
 
+import multiprocessing.util
 import os
 import shutil
 import tempfile
@@ -51,6 +52,9 @@ _SESSION_TMP: dict[str, str | None] = {}
 def pytest_configure(config: pytest.Config) -> None:
     """Before anything makes a temp file: this session's own short temp folder (children
     inherit TMPDIR), so only this session's ipc sockets are in it."""
+    # multiprocessing's own folder (the forkserver's socket) stays outside it: multiprocessing
+    # removes that folder at exit, after this session's folder is gone.
+    multiprocessing.util.get_temp_dir()
     d = tempfile.mkdtemp(prefix="zgt", dir="/tmp" if os.path.isdir("/tmp") else None)
     _SESSION_TMP.update(dir=d, env=os.environ.get("TMPDIR"), cache=tempfile.tempdir)
     os.environ["TMPDIR"] = d

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import zmq
 
-from _helpers import default_sigint, tiny_experiment, to_toml, toml_value, with_overrides, zmqgossip_cmd  # noqa: F401
+from _helpers import default_sigint, tiny_experiment, worker_pids, to_toml, toml_value, with_overrides, zmqgossip_cmd  # noqa: F401
 
 from zmqgossip.metrics import RunDir
 from zmqgossip.hosting.liveness import GiveUp, wait_for
@@ -108,8 +108,8 @@ def cmdline(pid: int) -> str:
 
 
 def worker_children(pid: int) -> list[int]:
-    """The spawned worker processes among ``pid``'s children (not the resource tracker)."""
-    return [c for c in children(pid) if "multiprocessing-fork" in cmdline(c) or "spawn_main" in cmdline(c)]
+    """The worker processes ``pid`` started (not the resource tracker)."""
+    return worker_pids(pid)
 
 
 def running(pid: int) -> bool:

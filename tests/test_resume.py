@@ -21,6 +21,8 @@ from pathlib import Path
 from zmqgossip.checkpoint import load_checkpoint
 from zmqgossip.metrics import RunDir
 
+from _helpers import worker_pids
+
 REPO = Path(__file__).resolve().parents[1]
 ROUNDS = 12  # the kill must land between step 3 and the last round, on slow and fast hosts
 
@@ -58,20 +60,8 @@ def cli(*args: str, cwd: Path) -> subprocess.Popen:
 
 
 def spawned_workers(parent: int) -> list[int]:
-    """Pids of the multiprocessing workers ``parent`` spawned (not its resource tracker)."""
-    out = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{name}/stat").read_bytes()
-            cmd = Path(f"/proc/{name}/cmdline").read_bytes()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(b")", 1)[-1].split()[1])
-        if ppid == parent and b"spawn_main" in cmd and b"resource_tracker" not in cmd:
-            out.append(int(name))
-    return sorted(out)
+    """Pids of the worker processes ``parent`` started (not its resource tracker)."""
+    return worker_pids(parent)
 
 
 def lines_ok(path: Path) -> list[dict]:

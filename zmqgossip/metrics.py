@@ -366,11 +366,14 @@ def _mean(vals: Iterable[float | None]) -> float | None:
     return float(np.mean(v)) if v else None
 
 
-def summarize(run: RunDir, *, wall_s: float | None = None, extra: Mapping[str, Any] | None = None) -> dict:
+def summarize(
+    run: RunDir, *, wall_s: float | None = None, started: float | None = None, extra: Mapping[str, Any] | None = None,
+) -> dict:
     """Build summary.json (and pulls.json) from what the peers wrote.
 
     Works on a partial run: peers without a result count as failed, and their events
-    still count for pulls.
+    still count for pulls. ``started``: when hosting began (wall clock), the origin of
+    the summary's timeline.
     """
     cfg = run.config()
     clusters, names = run.clusters()
@@ -416,6 +419,7 @@ def summarize(run: RunDir, *, wall_s: float | None = None, extra: Mapping[str, A
         "staleness": _staleness(events),
         "links": _link_stats(run.root),
         "scenario": _scenario_log(run.root),
+        "timeline": _timeline(run.root, started),
     }
     if extra:
         summary.update(extra)
@@ -434,6 +438,22 @@ def _staleness(events: Mapping[int, Iterable[Event]]) -> dict[str, float | None]
     lags = [a for evs in events.values() for e in evs for a in e.lag if a is not None]
     q = lambda v, p: float(np.percentile(v, p)) if v else None  # noqa: E731
     return {"age_s_p50": q(ages, 50), "age_s_p99": q(ages, 99), "lag_p50": q(lags, 50), "lag_p99": q(lags, 99)}
+
+
+def _timeline(root: Path, started: float | None) -> list[dict[str, float]] | None:
+    """Per hosting process, when each phase ended, in seconds since ``started`` (the
+    hosting's start): peers built, warmed up, every peer ready (round 0), rounds done,
+    final evaluation done, every remote peer done, sockets closed."""
+    out = []
+    for p in sorted(root.glob("timeline-*.json"), key=lambda q: int(q.stem.rsplit("-", 1)[1])):
+        try:
+            with open(p) as f:
+                marks = json.load(f)
+        except (OSError, ValueError):
+            continue
+        base = started if started is not None else marks.get("host", 0.0)
+        out.append({k: round(v - base, 3) for k, v in marks.items()})
+    return out or None
 
 
 def _scenario_log(root: Path) -> list[dict] | None:

@@ -38,13 +38,6 @@ def run(
     from ..allocator import tune_for_hosting
 
     tune_for_hosting()  # this process hosts peers (or starts workers that do); before torch allocates
-    # Imported here, not at the top: torch loads only when a command needs it.
-    from ..data import DataError
-    from ..hosting import Place, RosterHosts, build_partition, check_model, default_place, run_experiment
-    from ..progress import RunProgress
-    from ..report import summary_table
-    from ..net import TransportError
-
     overrides = list(set_)
     if ray is None and (workers is not None or advertise is not None or curve):
         fail("--workers, --advertise and --curve go with --ray (a roster sets CURVE with security = \"curve\")")
@@ -52,6 +45,25 @@ def run(
         fail("--ray places the workers itself: leave out --roster and --processes")
     if processes is not None:
         overrides.append(f"compute.processes={processes}")
+    cfg: config_mod.ExperimentConfig | None = None
+    if resume is None and roster is None:
+        if experiment is None:
+            fail("name an EXPERIMENT (preset or TOML file) or pass --roster FILE")
+        try:
+            cfg = config_mod.load(experiment, overrides, method=method, schedule=schedule, seed=seed)
+        except (config_mod.ConfigError, ValueError) as e:
+            fail(str(e))
+    if ray is None and (roster is not None or (cfg is not None and cfg.compute.processes > 1)):
+        from ..warm import prestart
+
+        prestart()  # the workers' server imports torch and the package while this process does
+    # Imported here, not at the top: torch loads only when a command needs it.
+    from ..data import DataError
+    from ..hosting import Place, RosterHosts, build_partition, check_model, default_place, run_experiment
+    from ..net import TransportError
+    from ..progress import RunProgress
+    from ..report import summary_table
+
     place: Place | None = None
     try:
         if resume is not None:
@@ -74,11 +86,9 @@ def run(
                 keys = keys_folder(ros.keys, roster)
                 load_keyring(keys, range(cfg.peers), range(cfg.peers), roster=str(roster))  # missing keys fail here
             place = RosterHosts([h.peers for h in ros.hosts], ros.directory(), keys)
-        elif experiment is None:
-            fail("name an EXPERIMENT (preset or TOML file) or pass --roster FILE")
-        else:
-            cfg = config_mod.load(experiment, overrides, method=method, schedule=schedule, seed=seed)
-        check_model(cfg, build_partition(cfg))  # no data folder, a bad shift or model: fails before anything starts
+        assert cfg is not None
+        part = build_partition(cfg)
+        check_model(cfg, part)  # no data folder, a bad shift or model: fails before anything starts
         if ray is not None:
             from ..hosting.cluster import RayActors, check_workers, import_ray
 
@@ -92,7 +102,7 @@ def run(
     try:
         with RunProgress(cfg.peers * cfg.rounds, quiet=quiet) as progress:
             summary = run_experiment(cfg, run_dir, place=place or default_place(cfg), on_event=progress,
-                                     resume=resume is not None)
+                                     resume=resume is not None, part=part)
     except (DataError, TransportError, config_mod.ConfigError) as e:
         fail(str(e))
     except KeyboardInterrupt:

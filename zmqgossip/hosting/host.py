@@ -45,11 +45,14 @@ async def host_peers(
     ``keyring`` makes them CURVE peers (a roster with ``security = "curve"``). With
     ``resume``, peers restart from their checkpoints and finished peers only serve.
     """
+    # When each phase ended (wall clock), for the summary's account of where a run's time goes.
+    timeline: dict[str, float] = {"host": time.time()}
     tune_for_hosting()
     torch.set_num_threads(cfg.compute.threads)
     part = part if part is not None else build_partition(cfg)
     links = None if cfg.links.is_ideal else Links(cfg.links, cfg.peers, cfg.seed)
     hosted = build_peers(cfg, part, ids, directory, run, t0, links=links, keyring=keyring)
+    timeline["built"] = time.time()
     peers = hosted.peers
     late = late_joiners(cfg)
     remote = [p for p in directory if p not in peers and p not in late]
@@ -68,8 +71,10 @@ async def host_peers(
                         results[p.id] = prior[p.id]  # serves its final model; its result stands
                 elif p.id not in late:
                     await scenario.start(p)
+            timeline["warmed_up"] = time.time()
             probe = next(iter(peers.values())).transport
             await liveness.wait_for(probe, remote, "ready", liveness.at_start(ready_timeout_s), deadline_s=ready_timeout_s)
+            timeline["all_ready"] = time.time()
             if not resume:
                 # Round 0 starts when every peer is up: a `seconds` budget, scenario times
                 # and event times count from here, not from the launch (spawning workers
@@ -82,10 +87,13 @@ async def host_peers(
                 await run_sequential(cfg, scenario, on_event, stop)
             else:
                 await run_async(scenario)
+            timeline["rounds_done"] = time.time()
             for p in peers.values():
                 if p.state.status in ("running", "killed"):
                     results[p.id] = await p.finish()
+            timeline["evaluated"] = time.time()
             await liveness.part(probe, remote, [p.transport for p in peers.values()], timeout_s=cfg.network.timeout_s)
+            timeline["parted"] = time.time()
         finally:
             for p in peers.values():
                 if p.id not in results:
@@ -98,4 +106,6 @@ async def host_peers(
                 write_json_atomic(run.root / f"scenario-{min(ids)}.json", scenario.applied)
             await hosted.close()
             run.close()  # the event files it kept open
+            timeline["closed"] = time.time()
+            write_json_atomic(run.root / f"timeline-{min(ids)}.json", timeline)
     return results

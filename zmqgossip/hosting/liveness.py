@@ -22,8 +22,17 @@ from ..wire import Kind
 #: Seconds a remote peer may have no connection at all before a waiting host gives it up
 #: (its process is gone): enough to ride out a reconnect.
 GONE_WHEN_CUT_S = 2.0
-#: Seconds between two rounds of pings.
+#: Seconds between two rounds of pings, at most (a round to many peers)...
 PING_EVERY_S = 0.1
+#: ... and per peer pinged: a run's start and end wait on these rounds, so a few peers are
+#: pinged often, and many (each ping costs the pinged peer's event loop) at most every
+#: PING_EVERY_S.
+PING_PER_PEER_S = 0.002
+
+
+def ping_every(peers: int) -> float:
+    """Seconds between two rounds of pings to ``peers`` peers."""
+    return min(PING_EVERY_S, max(0.01, PING_PER_PEER_S * peers))
 
 
 @dataclass(frozen=True)
@@ -93,7 +102,7 @@ async def wait_for(
                 silent_since.pop(p, None)
                 cut_since.pop(p, None)
         if pending:
-            await asyncio.sleep(PING_EVERY_S)
+            await asyncio.sleep(ping_every(len(pending)))
     gone.extend(sorted(pending))
     return gone
 
@@ -124,5 +133,5 @@ async def part(probe: Transport, remote: Sequence[int], transports: Sequence[Tra
     announce(transports, finished=True)
     await wait_for(probe, [p for p in remote if p not in gone], "finished", AT_ONCE)
     if remote:  # a moment more, so the others' next ping sees us finished
-        await asyncio.sleep(3 * PING_EVERY_S)
+        await asyncio.sleep(3 * ping_every(len(remote)))
     return gone

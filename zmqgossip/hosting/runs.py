@@ -38,23 +38,25 @@ def run_experiment(
     place: Place | None = None,
     on_event: EventHook | None = None,
     resume: bool = False,
+    part: Partition | None = None,
 ) -> dict[str, Any]:
     """Run a whole experiment; return its summary.
 
     ``place``: where the workers run (default: this process, or ``compute.processes``
     worker processes). With ``resume``, ``out`` is an earlier run's directory: peers
     restart from their checkpoints, finished peers only serve, and the run completes.
-    A partial run (Ctrl-C, a failing peer) is summarised too.
+    A partial run (Ctrl-C, a failing peer) is summarised too. ``part``: the experiment's
+    partition, when the caller built it already.
     """
-    part = build_partition(cfg)  # validates the data before any worker starts
+    part = part if part is not None else build_partition(cfg)  # validates the data before any worker starts
     run = RunDir(Path(out)) if resume else prepare_run(cfg, Path(out), part)
     place = place or default_place(cfg)
-    start = time.perf_counter()
+    start, started = time.perf_counter(), time.time()
     extra: dict[str, Any] | None = None
     try:
         extra = place.host(cfg, run, part=part, on_event=on_event, resume=resume)
     finally:
         if extra is None:  # hosting ended early (Ctrl-C, an error): what the place knows
             extra = place.describe(cfg)
-        summary = summarize(run, wall_s=time.perf_counter() - start, extra=extra)
+        summary = summarize(run, wall_s=time.perf_counter() - start, started=started, extra=extra)
     return summary

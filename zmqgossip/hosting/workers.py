@@ -1,22 +1,23 @@
 """Spawned worker processes, started and watched: one mechanism for every kind of run.
 
-Workers are started with ``spawn`` (never ``fork`` after ZeroMQ or torch threads exist).
-The parent only starts and watches them: it reports a worker that dies with its exit
+Workers start from a preloaded forkserver (:mod:`zmqgossip.warm`), never by forking a
+parent that may hold ZeroMQ or torch threads. The parent only starts and watches them: it reports a worker that dies with its exit
 code while the others go on, and on Ctrl-C (or a caller's stop) sends every worker
 SIGTERM, gives it ``grace_s`` to write what it did, then kills what is left.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import multiprocessing.connection
 import os
 import signal
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from ..warm import context
 
 
 def split_peers(peers: int, workers: int) -> list[list[int]]:
@@ -41,7 +42,7 @@ class SpawnedWorkers:
     """A group of spawned worker processes, each hosting one share of the peers."""
 
     def __init__(self, *, daemon: bool = False, grace_s: float = 30.0) -> None:
-        self.ctx = mp.get_context("spawn")  # for barriers and queues the workers share
+        self.ctx = context()  # also for barriers and queues the workers share
         self.daemon = daemon
         self.grace_s = grace_s
         self.procs: list[Any] = []
@@ -69,7 +70,8 @@ class SpawnedWorkers:
         reported: set[int] = set()
         try:
             while any(p.is_alive() for p in self.procs):
-                time.sleep(poll_s)
+                # Wakes as soon as a worker ends, or after poll_s.
+                multiprocessing.connection.wait([p.sentinel for p in self.procs if p.is_alive()], timeout=poll_s)
                 if on_poll is not None:
                     on_poll()
                 for k in self.died():
