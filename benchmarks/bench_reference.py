@@ -82,8 +82,9 @@ def compute_limit(preset: str, overrides: list[str], reps: int) -> float:
 SPLIT = ("wall_s", "start_s", "warmup_s", "rounds_s", "end_s", "final_eval_s", "outside_s", "ours_s")
 
 
-def cold_runs(preset: str, extra: list[str], times: int, tmp: Path) -> dict[str, float]:
-    """The user's command ``times`` times, one after another; the median of each part."""
+def cold_runs(preset: str, extra: list[str], times: int, tmp: Path) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """The user's command ``times`` times, one after another: the median of each part, and
+    each run's split."""
     splits = []
     for k in range(times):
         out = tmp / f"cold-{k}"
@@ -96,7 +97,7 @@ def cold_runs(preset: str, extra: list[str], times: int, tmp: Path) -> dict[str,
             sys.exit(f"run failed ({p.returncode}): {' '.join(cmd)}\n{p.stderr[-3000:]}")
         splits.append(cold_split(out, t0, t1))
         print("  cold run " + ", ".join(f"{k} {v:.2f}" for k, v in splits[-1].items()), flush=True)
-    return {k: statistics.median(s[k] for s in splits) for k in SPLIT}
+    return {k: statistics.median(s[k] for s in splits) for k in SPLIT}, splits
 
 
 def main() -> None:
@@ -128,7 +129,8 @@ def main() -> None:
             print(f"  {schedule}, {procs} process(es): {r['peer_rounds']} client-rounds, steady {r['steady_rate']:.2f}/s, "
                   f"wall {r['wall_s']:.1f} s, other jobs {r.get('cores_others', float('nan')):.2f} cores", flush=True)
         per_round_after = compute_limit(args.preset, overrides, reps=5 if args.quick else 20)
-        cold = cold_runs(args.preset, ["--set", overrides[0], *extra] if args.quick else [], args.cold, Path(tmp)) if args.cold else None
+        cold, cold_each = cold_runs(args.preset, ["--set", overrides[0], *extra] if args.quick else [], args.cold,
+                                    Path(tmp)) if args.cold else (None, [])
     # The machine is shared and noisy: the limit is the faster of the two measurements.
     per_round = min(per_round, per_round_after)
     clusters = sorted(runs[0]["acc"])
@@ -163,6 +165,7 @@ def main() -> None:
                   "acc": r["acc"], "other_jobs_cores": r.get("cores_others")} for r in runs],
         "cpus": env["cpus"],
         "cold_run": None if cold is None else {k: round(v, 3) for k, v in cold.items()},
+        "cold_runs": [{k: round(v, 3) for k, v in c.items()} for c in cold_each],
     })
 
 

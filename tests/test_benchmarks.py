@@ -102,7 +102,17 @@ def test_learning_benchmark_scores_mnist_with_the_background_step(run_quick):
         assert 0.3 < r["windows_computed"] < 0.6  # about half of MNIST's windows are background
 
 
-@pytest.mark.parametrize("name", ["processes", "reference", "fuzz"])
+def test_reference_benchmark_splits_a_cold_run_into_start_rounds_and_end(run_quick):
+    line = run_quick("reference")
+    assert [r["schedule"] for r in line["runs"]] == ["sequential", "async"]
+    assert len(line["cold_runs"]) == 3
+    for c in line["cold_runs"]:
+        assert c["start_s"] + c["rounds_s"] + c["end_s"] == pytest.approx(c["wall_s"], abs=0.01)
+        assert 0 < c["warmup_s"] < c["start_s"] and 0 < c["final_eval_s"] < c["end_s"]  # the protocol's parts
+        assert c["ours_s"] == pytest.approx(c["outside_s"] - c["warmup_s"] - c["final_eval_s"], abs=0.01)
+
+
+@pytest.mark.parametrize("name", ["processes", "fuzz"])
 def test_other_benchmarks_finish_with_their_figures(name, run_quick):
     line = run_quick(name)
     assert len(line) > 3

@@ -183,6 +183,25 @@ def test_stress_runs_over_ray_workers_without_failures(cluster, tmp_path):
     assert r["ok"] == 40 * 20 and r["failed"] == 0
 
 
+def test_a_sweep_hosts_each_run_on_the_cluster_and_ends_with_the_compare_table(cluster, tmp_path):
+    root = tmp_path / "grid"
+    small = ["--fix", "rounds=4", "--fix", "data.n_train=20", "--fix", "data.n_val=8", "--fix", "data.test_per_class=10"]
+    code, out, err = run_cli("sweep", "label-digits", "--method", "dac-var,random", "--seed", "0", *small, "--ray",
+                             cluster.address, "--workers", "2", "--parallel", "2", "--out", str(root), "-q", cwd=tmp_path)
+    assert code == 0, err[-3000:]
+    for name in ("dac-var-seed0", "random-seed0"):
+        s = json.loads((root / name / "summary.json").read_text())
+        assert s["failed_peers"] == [] and s["peer_rounds"] == 20 * 4
+        assert s["ray"]["nodes"] == 2 and len({w["node_id"] for w in s["workers"]}) == 2
+    assert "dac-var" in (root / "compare.md").read_text() and "Test accuracy" in out
+    # Started again: nothing left to run.
+    stamps = {n: (root / n / "summary.json").stat().st_mtime_ns for n in ("dac-var-seed0", "random-seed0")}
+    code, out, err = run_cli("sweep", "label-digits", "--method", "dac-var,random", "--seed", "0", *small, "--ray",
+                             cluster.address, "--workers", "2", "--out", str(root), cwd=tmp_path)
+    assert code == 0 and "dac-var-seed0: done" not in err, err[-2000:]
+    assert {n: (root / n / "summary.json").stat().st_mtime_ns for n in stamps} == stamps
+
+
 def test_curve_run_on_ray_refuses_a_plaintext_client(cluster, tmp_path):
     import zmq
 
@@ -225,6 +244,14 @@ def test_curve_run_on_ray_refuses_a_plaintext_client(cluster, tmp_path):
 ])
 def test_bad_cluster_input_is_one_line_and_exit_2(args, says, tmp_path):
     assert_refused(["run", "label-digits", *args, "--out", str(tmp_path / "run"), "-q"], says, tmp_path)
+
+
+def test_a_sweep_refuses_more_workers_than_peers_and_workers_without_ray(tmp_path):
+    assert_refused(["sweep", "label-digits", "--seed", "0-1", "--ray", "local", "--workers", "21",
+                    "--out", str(tmp_path / "g")], "--workers 21 is more than the 20 peers", tmp_path)
+    assert_refused(["sweep", "label-digits", "--seed", "0-1", "--workers", "2", "--out", str(tmp_path / "g")],
+                   "--workers goes with --ray", tmp_path)
+    assert not (tmp_path / "g").exists()
 
 
 def test_more_stress_workers_than_peers_is_refused(tmp_path):

@@ -135,9 +135,19 @@ def _warm_up(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def run_one(experiment: str, overrides: Sequence[str], out: str) -> float:
+@dataclass(frozen=True)
+class OnRay:
+    """Host each run of a sweep on a Ray cluster: ``address`` as ``zmqgossip run --ray``
+    takes it, ``workers`` actors per run (default: one per CPU of the cluster)."""
+
+    address: str
+    workers: int | None = None
+
+
+def run_one(experiment: str, overrides: Sequence[str], out: str, ray: OnRay | None = None) -> float:
     """One run of the grid, in a warm worker; returns the seconds it took there (config,
-    data, peers, rounds, summary: everything but the worker's own start)."""
+    data, peers, rounds, summary: everything but the worker's own start). With ``ray``
+    the warm worker is the run's driver and the peers live in actors on the cluster."""
     from .hosting import run_experiment
 
     t = time.perf_counter()
@@ -145,7 +155,12 @@ def run_one(experiment: str, overrides: Sequence[str], out: str) -> float:
     path = Path(out)
     if path.exists():  # an interrupted run of an earlier sweep: it starts over
         shutil.rmtree(path)
-    run_experiment(cfg, path)
+    place = None
+    if ray is not None:
+        from .hosting.cluster import RayActors
+
+        place = RayActors(ray.address, ray.workers)
+    run_experiment(cfg, path, place=place)
     return time.perf_counter() - t
 
 
@@ -154,6 +169,7 @@ def run_sweep(
     out: Path,
     *,
     parallel: int = 1,
+    ray: OnRay | None = None,
     on_progress: Callable[[Path], None] | None = None,
     on_run: Callable[[RunSpec, str], None] | None = None,
 ) -> list[Path]:
@@ -163,7 +179,8 @@ def run_sweep(
     The specs may name different experiments (one grid per preset, run as one).
 
     ``parallel`` runs at once, each in a warm worker process that takes one run after
-    another. ``on_progress`` is called about twice a second with each run directory
+    another. ``ray``: each run's peers are hosted on that cluster instead (the workers
+    drive the runs). ``on_progress`` is called about twice a second with each run directory
     in progress (to follow its events); ``on_run`` once per run with "done" or its error.
     """
     out.mkdir(parents=True, exist_ok=True)
@@ -184,7 +201,7 @@ def run_sweep(
     threads = todo[0][0].config().compute.threads
     with cf.ProcessPoolExecutor(max_workers=max(1, min(parallel, len(todo))), mp_context=ctx,
                                 initializer=_warm_up, initargs=(threads,)) as pool:
-        futures = {pool.submit(run_one, s.experiment, s.overrides, str(d)): (s, d) for s, d in todo}
+        futures = {pool.submit(run_one, s.experiment, s.overrides, str(d), ray): (s, d) for s, d in todo}
         pending = set(futures)
         try:
             while pending:
@@ -222,4 +239,4 @@ def total_peer_rounds(specs: Iterable[RunSpec]) -> int:
     return total
 
 
-__all__ = ["RunSpec", "SweepError", "check", "expand", "is_done", "parse_seeds", "parse_values", "run_sweep", "total_peer_rounds"]
+__all__ = ["OnRay", "RunSpec", "SweepError", "check", "expand", "is_done", "parse_seeds", "parse_values", "run_sweep", "total_peer_rounds"]

@@ -20,6 +20,9 @@ def sweep(
     fixed: list[str] = typer.Option([], "--fix", help="a key every run takes as is, e.g. --fix rounds=10 (repeatable)"),
     parallel: int = typer.Option(1, min=1, help="runs at once (one warm worker process each)"),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="sweep directory (default: runs/sweep-EXPERIMENT-TIME)"),
+    ray: Optional[str] = typer.Option(None, "--ray", help=(
+        "host every run's peers on a Ray cluster: auto (a running one), local (a private one per run) or its ADDRESS")),
+    workers: Optional[int] = typer.Option(None, help="with --ray: worker actors per run (default: one per CPU of the cluster)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress display"),
 ) -> None:
     """Run every combination of methods, seeds and settings; print the compare table.
@@ -31,12 +34,22 @@ def sweep(
     from ..progress import RunProgress
     from ..report import compare_markdown, compare_table, plot_compare
 
+    if ray is None and workers is not None:
+        fail("--workers goes with --ray")
     try:
         methods = sweep_mod.parse_values(method, "--method") if method is not None else None
         seeds = sweep_mod.parse_seeds(seed) if seed is not None else None
         specs = sweep_mod.expand(experiment, methods=methods, seeds=seeds, sets=set_, fixed=fixed)
         total = sweep_mod.total_peer_rounds(specs)
-    except sweep_mod.SweepError as e:
+        on_ray = None
+        if ray is not None:
+            from ..hosting.cluster import check_workers, import_ray
+
+            import_ray()
+            for spec in specs:
+                check_workers(workers, spec.config().peers)
+            on_ray = sweep_mod.OnRay(ray, workers)
+    except (sweep_mod.SweepError, ValueError) as e:
         fail(str(e))
     root = out_dir or Path("runs") / f"sweep-{Path(experiment).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     typer.echo(f"sweep directory: {root} ({len(specs)} runs, {parallel} at once)", err=True)
@@ -59,7 +72,7 @@ def sweep(
                 typer.echo(f"  {spec.name}: {how}", err=True)
 
         try:
-            dirs = sweep_mod.run_sweep(specs, root, parallel=parallel, on_progress=follow, on_run=ran)
+            dirs = sweep_mod.run_sweep(specs, root, parallel=parallel, ray=on_ray, on_progress=follow, on_run=ran)
         except sweep_mod.SweepError as e:
             fail(str(e))
         except KeyboardInterrupt:
