@@ -651,8 +651,10 @@ def compare_table(run_dirs: Sequence[str | Path]) -> Table:
     """Runs side by side: a row per method (seeds aggregated), a column per cluster."""
     header, rows = _compare_rows(run_dirs)
     t = Table(title="Test accuracy (%), best-validation checkpoint", caption=_COMPARE_NOTE, caption_justify="left")
-    for i, h in enumerate(header):
-        t.add_column(h, justify="left" if i == 0 else "right", no_wrap=i > 0)
+    # On a narrow terminal the figures wrap; the run's name keeps room to be read.
+    t.add_column(header[0], justify="left", overflow="fold", min_width=min(16, max((len(r[0]) for r in rows), default=0)))
+    for h in header[1:]:
+        t.add_column(h, justify="right", overflow="fold")
     for r in rows:
         t.add_row(*r)
     return t
