@@ -110,6 +110,7 @@ def test_reference_benchmark_splits_a_cold_run_into_start_rounds_and_end(run_qui
         assert c["start_s"] + c["rounds_s"] + c["end_s"] == pytest.approx(c["wall_s"], abs=0.01)
         assert 0 < c["warmup_s"] < c["start_s"] and 0 < c["final_eval_s"] < c["end_s"]  # the protocol's parts
         assert c["ours_s"] == pytest.approx(c["outside_s"] - c["warmup_s"] - c["final_eval_s"], abs=0.01)
+        assert 0 < c["import_s"] < c["start_s"] and c["plots_s"] > 0  # parts of ours, measured apart
 
 
 @pytest.mark.parametrize("name", ["processes", "fuzz"])
