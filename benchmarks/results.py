@@ -209,6 +209,34 @@ def churn_section(out: Path, shrink: list[str], parallel: int, reuse: bool, seco
             "|:---|---:|---:|---:|---:|---:|---:|", *rows, ""]
 
 
+def speed_section(out: Path, runs: list[tuple[Setting, Condition, dict[str, list[str]]]]) -> list[str]:
+    """Client-rounds/s of each method in the async runs on ideal links (the summary's
+    peer-rounds over its wall time), and its ratio to dac-var's in the same setting: what a
+    method's own work (scoring, exploration, its bookkeeping) costs."""
+    if not runs:
+        return []
+    methods = [m for m in runs[0][2] if all(m in names for *_, names in runs)]
+    lines = ["## What the methods cost: client-rounds/s", "",
+             "The async runs on ideal links above, each method's client-rounds per second of its run "
+             "(peer-rounds over the run's wall time) and, in brackets, its ratio to `dac-var`'s in the "
+             "same setting. Two runs shared the machine at any time, so a run's rate also depends on "
+             "what ran beside it: read differences under ~10% as noise.", "",
+             "| method | " + " | ".join(f"`{st.preset}`" for st, _, _ in runs) + " |",
+             "|:---|" + "---:|" * len(runs)]
+
+    def rate(name: str) -> float:
+        s = json.loads((out / name / "summary.json").read_text())
+        return s["peer_rounds"] / s["wall_s"]
+
+    for m in methods:
+        cells = []
+        for _, _, names in runs:
+            r, base = rate(names[m][0]), rate(names["dac-var"][0]) if "dac-var" in names else None
+            cells.append(f"{r:.1f}" + (f" ({r / base:.2f})" if base else ""))
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def paper_scale_costs(quick: bool) -> list[str]:
     """Measured cost of one client-round of each paper-scale preset (its model, data shape,
     epochs, batch, n and test set), scaled to the preset's peers and rounds."""
@@ -311,7 +339,7 @@ def main() -> None:
         "Local does not communicate, so schedule and network cannot change it: it is run "
         "sequentially only.", "",
         "## Contents", "",
-        *(f"- {st.name}" for st in settings), "- Churn: 20% of the peers leave", "- Paper scale: how long",
+        *(f"- {st.name}" for st in settings), "- What the methods cost: client-rounds/s", "- Churn: 20% of the peers leave", "- Paper scale: how long",
         "- Discussion", "",
     ]
     for si, setting, cond, seeds, specs, names in sections:
@@ -346,6 +374,7 @@ def main() -> None:
                     shutil.copy(heat, dst)
                     doc += [f"Pull counts, {m}, {cond.name}, seed 0 (within-cluster share "
                             f"{block_diagonal_share(d):.2f}):", "", f"![pull heatmap](img/{dst.name})", ""]
+    doc += speed_section(args.out, [(st, cond, names) for _, st, cond, _, _, names in sections if cond.name == "async"])
     if "churn" in wanted:
         t = time.perf_counter()
         doc += churn_section(args.out / "churn", shrink, args.parallel, args.reuse, seconds, args.quick)
