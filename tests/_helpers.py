@@ -149,7 +149,8 @@ async def close_all(ts: Mapping[int, Transport] | Iterable[Transport]) -> None:
         await t.close()
 
 
-def _proc_children(pid: int) -> list[int]:
+def children(pid: int) -> list[int]:
+    """Child pids of ``pid`` (from /proc/PID/task/*/children; no psutil)."""
     out: list[int] = []
     for task in Path(f"/proc/{pid}/task").glob("*"):
         try:
@@ -159,7 +160,7 @@ def _proc_children(pid: int) -> list[int]:
     return sorted(set(out))
 
 
-def _proc_cmdline(pid: int) -> str:
+def cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
@@ -170,10 +171,10 @@ def worker_pids(parent: int) -> list[int]:
     """The worker processes a ``zmqgossip run`` process started: forked by its forkserver
     (zmqgossip.warm), or spawned directly; never multiprocessing's resource tracker."""
     out: list[int] = []
-    for c in _proc_children(parent):
-        cmd = _proc_cmdline(c)
+    for c in children(parent):
+        cmd = cmdline(c)
         if "multiprocessing.forkserver" in cmd:
-            out += _proc_children(c)
+            out += children(c)
         elif ("spawn_main" in cmd or "multiprocessing-fork" in cmd) and "resource_tracker" not in cmd:
             out.append(c)
     return sorted(out)

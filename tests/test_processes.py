@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import zmq
 
-from _helpers import default_sigint, tiny_experiment, worker_pids, to_toml, toml_value, with_overrides, zmqgossip_cmd  # noqa: F401
+from _helpers import children, cmdline, default_sigint, tiny_experiment, worker_pids, to_toml, toml_value, with_overrides, zmqgossip_cmd  # noqa: F401
 
 from zmqgossip.metrics import RunDir
 from zmqgossip.hosting.liveness import GiveUp, wait_for
@@ -87,24 +87,6 @@ def write_roster(tmp_path: Path, shares: list[list[int]], out: Path) -> Path:
     path = tmp_path / "roster.toml"
     path.write_text(to_toml({"experiment": "exp.toml", "out": str(out), "hosts": hosts}))
     return path
-
-
-def children(pid: int) -> list[int]:
-    """Child pids of ``pid`` (from /proc/PID/task/*/children; no psutil)."""
-    out: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            out += [int(x) for x in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    return sorted(set(out))
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def worker_children(pid: int) -> list[int]:
