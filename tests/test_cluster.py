@@ -56,7 +56,11 @@ def cluster(session_tmp):
             else:
                 os.environ[k] = v
     # Nothing of the cluster outlives it: no process (its workers are our descendants).
-    left = [p for p in me.children(recursive=True) if p.pid in owned or "ray" in " ".join(_cmdline(p))]
+    # multiprocessing's own helpers (a forkserver started after `import ray` has Ray's folders
+    # in the sys.path on its command line) are not the cluster's.
+    helpers = conftest._helper_pids() - owned
+    left = [p for p in me.children(recursive=True)
+            if p.pid not in helpers and (p.pid in owned or "ray" in " ".join(_cmdline(p)))]
     conftest.reap_children()
     assert not left, f"Ray processes left after the cluster's shutdown: {[(p.pid, _cmdline(p)[:2]) for p in left]}"
 
