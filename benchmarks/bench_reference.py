@@ -80,6 +80,7 @@ def compute_limit(preset: str, overrides: list[str], reps: int) -> float:
 
 
 SPLIT = ("wall_s", "start_s", "warmup_s", "rounds_s", "end_s", "final_eval_s", "outside_s", "ours_s")
+FLOOR = ("import_s", "plots_s")
 
 
 def cold_runs(preset: str, extra: list[str], times: int, tmp: Path) -> tuple[dict[str, float], list[dict[str, float]]]:
@@ -100,9 +101,6 @@ def cold_runs(preset: str, extra: list[str], times: int, tmp: Path) -> tuple[dic
         splits.append(split)
         print("  cold run " + ", ".join(f"{k} {v:.2f}" for k, v in split.items()), flush=True)
     return {k: statistics.median(s[k] for s in splits) for k in (*SPLIT, *FLOOR)}, splits
-
-
-FLOOR = ("import_s", "plots_s")
 
 
 def floor_parts(run_dir: Path) -> dict[str, float]:

@@ -134,7 +134,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 FIXTURE_PIDS: set[int] = set()
 
 
-def _helper_pids() -> set[int]:
+def helper_pids() -> set[int]:
     """multiprocessing's own long-lived helpers (resource tracker, forkserver), and the
     processes of a fixture that outlives one test: keep them."""
     keep = set(FIXTURE_PIDS)
@@ -165,7 +165,7 @@ def reap_children(grace_s: float = REAP_GRACE_S) -> list[int]:
     learn the exit status); other children (subprocess, os.fork) through psutil, which
     also reaps them.
     """
-    keep = _helper_pids()
+    keep = helper_pids()
     procs = [p for p in multiprocessing.active_children() if p.pid not in keep]  # also joins finished ones
     mp_pids = {p.pid for p in procs}
     others = []

@@ -58,7 +58,7 @@ def cluster(session_tmp):
     # Nothing of the cluster outlives it: no process (its workers are our descendants).
     # multiprocessing's own helpers (a forkserver started after `import ray` has Ray's folders
     # in the sys.path on its command line) are not the cluster's.
-    helpers = conftest._helper_pids() - owned
+    helpers = conftest.helper_pids() - owned
     left = [p for p in me.children(recursive=True)
             if p.pid not in helpers and (p.pid in owned or "ray" in " ".join(_cmdline(p)))]
     conftest.reap_children()

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import psutil
-from conftest import MODULE_TIERS, TEST_TIERS, TIERS, _helper_pids, reap_children
+from conftest import MODULE_TIERS, TEST_TIERS, TIERS, helper_pids, reap_children
 
 
 def _sleep() -> None:
@@ -30,7 +30,7 @@ def test_reap_children_stops_every_kind_of_child_and_keeps_none_as_a_zombie():
     stopped = reap_children(grace_s=5.0)
     assert stray.pid in stopped and worker.pid in stopped and done.pid not in stopped
     assert not worker.is_alive() and worker.exitcode is not None
-    assert [c.pid for c in psutil.Process().children() if c.pid not in _helper_pids()] == []  # but the resource tracker
+    assert [c.pid for c in psutil.Process().children() if c.pid not in helper_pids()] == []  # but the resource tracker
     assert not psutil.pid_exists(stray.pid) and not psutil.pid_exists(done.pid)  # reaped, not zombies
 
 

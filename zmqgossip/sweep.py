@@ -3,16 +3,16 @@
 Each run of the grid is an ordinary run with its own run directory, hosted by
 :func:`zmqgossip.hosting.run_experiment` exactly as ``zmqgossip run`` hosts it, so a
 sequential run of a sweep is bit for bit the same run. What a sweep saves is the start
-of a process for every run: ``parallel`` worker processes start once (torch imported,
-threads set) and take runs one after another. A sweep that is interrupted continues,
-when started again with the same arguments, with the runs that have no summary yet.
+of a process for every run: ``parallel`` worker processes start once, forked warm by
+:mod:`zmqgossip.warm` (torch and the package imported), and take runs one after
+another. A sweep that is interrupted continues, when started again with the same
+arguments, with the runs that have no summary yet.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import itertools
-import multiprocessing as mp
 import re
 import json
 import shutil
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import config as config_mod
+from . import warm
 from .config import ConfigError
 from .metrics import write_json_atomic
 
@@ -127,10 +128,8 @@ def is_done(run_dir: Path) -> bool:
 
 
 def _warm_up(threads: int) -> None:
-    """A sweep worker's start: what every run would otherwise pay again."""
+    """A sweep worker's start (it is forked warm: torch and the package imported once)."""
     import torch
-
-    import zmqgossip.hosting  # noqa: F401  (torch, the models, the policies, the transport)
 
     torch.set_num_threads(threads)
 
@@ -197,7 +196,7 @@ def run_sweep(
         record = json.loads((out / "sweep.json").read_text())["runs"]
     except (OSError, ValueError, KeyError):
         pass
-    ctx = mp.get_context("spawn")
+    ctx = warm.context()
     threads = todo[0][0].config().compute.threads
     with cf.ProcessPoolExecutor(max_workers=max(1, min(parallel, len(todo))), mp_context=ctx,
                                 initializer=_warm_up, initargs=(threads,)) as pool:

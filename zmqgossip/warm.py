@@ -24,8 +24,7 @@ PRELOAD = ["zmqgossip.hosting"]
 def context() -> BaseContext:
     """The multiprocessing context workers start from (the forkserver, preloaded)."""
     ctx = mp.get_context("forkserver")
-    if getattr(forkserver._forkserver, "_forkserver_pid", None) is None:  # not started: it preloads
-        ctx.set_forkserver_preload(PRELOAD)
+    ctx.set_forkserver_preload(PRELOAD)  # read when the server starts; a running one keeps its own
     return ctx
 
 

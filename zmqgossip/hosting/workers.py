@@ -1,9 +1,10 @@
 """Spawned worker processes, started and watched: one mechanism for every kind of run.
 
 Workers start from a preloaded forkserver (:mod:`zmqgossip.warm`), never by forking a
-parent that may hold ZeroMQ or torch threads. The parent only starts and watches them: it reports a worker that dies with its exit
-code while the others go on, and on Ctrl-C (or a caller's stop) sends every worker
-SIGTERM, gives it ``grace_s`` to write what it did, then kills what is left.
+parent that may hold ZeroMQ or torch threads. The parent only starts and watches them:
+it reports a worker that dies with its exit code while the others go on, and on Ctrl-C
+(or a caller's stop) sends every worker SIGTERM, gives it ``grace_s`` to write what it
+did, then kills what is left.
 """
 
 from __future__ import annotations
