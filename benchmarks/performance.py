@@ -134,9 +134,21 @@ def _learning(line: dict[str, Any]) -> Iterator[Row]:
 
 
 def _fuzz(line: dict[str, Any]) -> Iterator[Row]:
-    yield Row("hostile messages a live, training peer handles", line["fuzz_msgs_per_s"], "messages/s", None, "", None)
-    yield Row("an honest peer's pull latency p99 during the flood", line["p99_ms_flood"], "ms",
-              line["p99_ms_no_flood"], "p99 before the flood", line["p99_ratio_flood_vs_no_flood"])
+    n = line.get("flooders", 1)
+    for variant, r in line.get("variants", {"plain": line}).items():
+        before, flood = r["phases"]["before"], r["phases"]["flood"]
+        if variant == "curve":
+            yield Row(f"CURVE peer, {n} flooders with keys outside the roster: connections refused at the handshake",
+                      r["refusals"].get("auth", 0) / flood["seconds"], "connections/s", None, "", None)
+        else:
+            yield Row(f"hostile messages a live, training peer reads ({n} flooding processes; the rest wait in "
+                      "ZeroMQ's queues)", r["fuzz_msgs_per_s"], "messages/s", None, "", None)
+        yield Row(f"{variant}: an honest peer's pull latency p99 during the flood", r["p99_ms_flood"], "ms",
+                  r["p99_ms_no_flood"], "p99 before the flood", r["p99_ratio_flood_vs_no_flood"],
+                  Target(2.0, at_least=False))
+        yield Row(f"{variant}: the flooded peer's training rounds during the flood", flood["rounds_per_s"],
+                  "rounds/s", before["rounds_per_s"], "before the flood", r["rounds_ratio_flood_vs_no_flood"],
+                  Target(0.5))
 
 
 def _sweep(line: dict[str, Any]) -> Iterator[Row]:

@@ -113,10 +113,23 @@ def test_reference_benchmark_splits_a_cold_run_into_start_rounds_and_end(run_qui
         assert 0 < c["import_s"] < c["start_s"] and c["plots_s"] > 0  # parts of ours, measured apart
 
 
-@pytest.mark.parametrize("name", ["processes", "fuzz"])
-def test_other_benchmarks_finish_with_their_figures(name, run_quick):
-    line = run_quick(name)
+def test_processes_benchmark_finishes_with_its_figures(run_quick):
+    line = run_quick("processes")
     assert len(line) > 3
+
+
+def test_fuzz_benchmark_floods_a_plain_and_a_curve_peer_from_two_processes(run_quick):
+    line = run_quick("fuzz")
+    assert line["flooders"] == 2 and set(line["variants"]) == {"plain", "curve"}
+    for r in line["variants"].values():
+        assert r["crashes"] == 0 and r["rss_growth_mb"] < 50
+        assert all(p["pulls_ok"] > 0 and p["pulls_failed"] == 0 for p in r["phases"].values())  # honest: always served
+        assert r["phases"]["flood"]["rounds_per_s"] > 0  # the victim trains through the flood
+    plain, curve = line["variants"]["plain"], line["variants"]["curve"]
+    assert plain["flooder_sent"] > 10_000 and plain["refusals"]["shed"] > 0 and plain["refusals"]["garbage"] > 0
+    # With CURVE nothing the flooders sent reached Python: only refused handshakes were counted.
+    assert curve["connections"] > 24 and curve["refusals"]["auth"] > 0
+    assert set(curve["refusals"]) <= {"auth", "handshake"}
 
 
 def test_sweep_benchmark_times_a_sweep_and_the_same_runs_one_by_one(run_quick):

@@ -23,6 +23,7 @@ import os
 import random
 import time
 
+import pytest
 import torch
 
 from zmqgossip import config, fuzz, hosting, wire
@@ -39,13 +40,16 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def tiny_cfg() -> config.ExperimentConfig:
+def tiny_cfg(flood_share: float | None = None) -> config.ExperimentConfig:
+    network = {"transport": "tcp", "timeout_s": 5.0}
+    if flood_share is not None:
+        network["flood_share"] = flood_share
     return config.validate({
         "name": "hostile", "method": "random", "schedule": "async", "peers": 4, "rounds": 100_000, "seed": 0,
         "data": {"dataset": "digits", "n_train": 30, "n_val": 10, "test_per_class": 10},
         "train": {"model": "mlp", "epochs": 1, "test_every": 0, "checkpoint_every": 0},
         "policy": {"n": 2},
-        "network": {"transport": "tcp", "timeout_s": 5.0},
+        "network": network,
     })
 
 
@@ -71,8 +75,13 @@ def test_corpus_covers_every_category_and_its_refusals_are_deterministic():
     assert len(reasons["mutated"]) >= 4
 
 
-def test_flooded_peer_keeps_training_serving_and_counts_every_refusal(tmp_path, run_async):
-    cfg = tiny_cfg()
+@pytest.mark.parametrize("flood_share", [1.0, None], ids=["answering-all", "shedding"])
+def test_flooded_peer_keeps_training_serving_and_counts_every_refusal(tmp_path, run_async, flood_share):
+    """With ``flood_share`` 1 the victim answers every message, and its refusals match the
+    flooder's predictions exactly; with the default it answers strangers within its budget
+    and drops the rest unread (``shed``), never an honest puller's request."""
+    cfg = tiny_cfg(flood_share)
+    exact = flood_share == 1.0
     torch.set_num_threads(1)
     part = hosting.build_partition(cfg)
     rd = hosting.prepare_run(cfg, tmp_path / "run", part)
@@ -137,11 +146,16 @@ def test_flooded_peer_keeps_training_serving_and_counts_every_refusal(tmp_path, 
             flood_res = await asyncio.get_running_loop().run_in_executor(None, flooder.result)
             report["flood"] = flood_res
             assert "error" not in flood_res, flood_res
-            # (Honest traffic is never refused, so the refusals tell when the flood is all read.)
+            # (Honest traffic is never refused nor shed, so the refusals tell when the flood is
+            # all read: they reach what the flooder predicts, and, with valid requests shed
+            # too, stop growing.)
             bad = sum(v for k, v in flood_res["expected"].items() if k != "valid")
-            refused = lambda: sum(counters().refusals.get(k, 0) for k in wire.WireError.REASONS)
+            refused = lambda: sum(counters().refusals.get(k, 0) for k in (*wire.WireError.REASONS, "shed"))
             deadline = time.monotonic() + 15
-            while refused() < bad and time.monotonic() < deadline:
+            last, still = -1, 0
+            while (refused() < bad or still < 10) and time.monotonic() < deadline:
+                now = refused()
+                still, last = (still + 1 if now == last else 0), now
                 await asyncio.sleep(0.05)
             await asyncio.sleep(0.2)  # and the valid requests queued behind the last bad one
             flooder.release()
@@ -180,11 +194,20 @@ def test_flooded_peer_keeps_training_serving_and_counts_every_refusal(tmp_path, 
     assert flood["sent"] >= 20_000
     assert set(flood["categories"]) == {*fuzz.CATEGORIES, "greedy"}
     assert c.msgs_in - report["msgs0"] >= flood["sent"]
-    # Every bad message refused with the reason its own decode predicts: counted exactly.
     expected = {k: v for k, v in flood["expected"].items() if k != "valid"}
     counted = {k: c.refusals.get(k, 0) for k in wire.WireError.REASONS if c.refusals.get(k, 0)}
-    assert counted == expected, {k: (counted.get(k), expected.get(k)) for k in {*counted, *expected}}
+    shed = c.refusals.get("shed", 0)
     assert sum(expected.values()) > 0.6 * flood["sent"]
+    if exact:
+        # Every bad message refused with the reason its own decode predicts: counted exactly.
+        assert shed == 0
+        assert counted == expected, {k: (counted.get(k), expected.get(k)) for k in {*counted, *expected}}
+    else:
+        # Beyond its budget the victim dropped strangers' messages unread; every one it
+        # read was refused for the reason its decode predicts, and none was accepted.
+        assert shed > 0
+        assert all(counted[k] <= expected.get(k, 0) for k in counted), (counted, expected)
+        assert sum(counted.values()) + shed >= sum(expected.values())
     # The replies the flooder read back name the same reasons (a subset: it reads some).
     assert set(flood["replies"]) - {"model_reply", "pong"} <= set(expected)
     # Requests faster than it answers: the excess replies were dropped and counted, not queued.

@@ -21,6 +21,7 @@ import zmq.asyncio
 from zmqgossip import net as tp
 from zmqgossip import wire
 from zmqgossip.net import Transport, TransportConfig, TransportError, make_directory
+from zmqgossip.net.admission import Admission
 from zmqgossip.wire import Kind, ModelPayload, SnapshotMemory, schema_of
 
 from _helpers import close_all, started
@@ -489,6 +490,77 @@ def test_malformed_requests_are_counted_by_reason_and_honest_peers_still_served(
             await close_all(ts)
 
     run_async(body(), 20)
+
+
+def test_admission_trusts_answered_senders_and_budgets_the_others():
+    with pytest.raises(ValueError):
+        Admission(share=0.0)
+    a = Admission(share=0.1, burst_s=0.01, max_trusted=3)
+    t0 = time.perf_counter()
+    a.refill(t0)
+    assert a.may_answer
+    a.charge(0.02)  # a stranger's message took longer than the saved budget
+    assert not a.may_answer
+    a.refill(t0 + 0.05)  # 50 ms earn 5 ms: not yet back
+    assert not a.may_answer
+    a.refill(t0 + 1.0)  # refilled, but never past the burst
+    a.charge(0.0099)
+    assert a.may_answer
+    a.charge(0.0002)
+    assert not a.may_answer
+    for rid in (b"p1", b"p2", b"p3", b"p4"):
+        a.trust(rid)
+    assert not a.is_trusted(b"p1") and all(a.is_trusted(r) for r in (b"p2", b"p3", b"p4"))  # bounded
+    a.distrust(b"p3")
+    assert not a.is_trusted(b"p3")
+
+
+def test_a_flooded_inbox_sheds_strangers_beyond_its_budget_and_answers_trusted_peers(actx, directory_of, run_async):
+    """Thousands of garbage messages from stranger sockets while a peer that was served
+    before keeps pulling: every pull is answered, every garbage message is read and either
+    refused or (beyond the budget) dropped unread, and the strangers get no model."""
+    state = reference_state()
+    n_garbage, n_strangers = 20_000, 4
+
+    async def body():
+        d = directory_of("ipc", [0, 1])
+        ts = await started(actx, d, [0, 1], expect=schema_of(state), config=TransportConfig(flood_share=0.01))
+        ts[1].publish(payload(state))
+        assert (await ts[0].pull(1, timeout=5)).ok  # answered once: trusted from now on
+        strangers = [actx.socket(zmq.DEALER) for _ in range(n_strangers)]
+        for s in strangers:
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(d[1])
+
+        async def flood():
+            for i in range(n_garbage):
+                await strangers[i % n_strangers].send_multipart([b"\xc1garbage"])
+
+        async def honest():
+            out = []
+            while not flooding.done():
+                out.append(await ts[0].pull(1, timeout=5))
+            return out
+
+        try:
+            flooding = asyncio.ensure_future(flood())
+            pulls = await honest()
+            await flooding
+            c = ts[1].counters
+            deadline = time.monotonic() + 10
+            while c.refusals["garbage"] + c.refusals["shed"] < n_garbage and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert c.refusals["garbage"] + c.refusals["shed"] == n_garbage
+            assert c.refusals["shed"] > 0 and c.refusals["garbage"] > 0
+            assert pulls and all(r.ok for r in pulls), [r.reason for r in pulls if not r.ok]
+            assert c.served == 1 + len(pulls)
+            assert set(c.refusals) <= {"garbage", "shed", "dropped_hwm"}  # strangers never read their error replies
+        finally:
+            for s in strangers:
+                s.close(0)
+            await close_all(ts)
+
+    run_async(body(), 60)
 
 
 def test_lru_pool_stays_within_pool_size_when_pulling_many_peers(actx, run_async):

@@ -155,6 +155,9 @@ class NetworkConfig(_Strict):
         f"socket churn), else {SMALL_POOL}"))
     hwm: int = Field(16, ge=1, le=100_000, description="messages queued per socket (and per connection of an inbox)")
     max_abs: float | None = Field(1e4, gt=0, description="refuse pulled models with a |value| above this (none: no bound)")
+    flood_share: float = Field(0.1, gt=0, le=1, description=(
+        "under a flood, the most of a process's time an inbox spends answering senders it does not "
+        "trust yet; the rest of their messages are dropped unread (1: answer everything)"))
 
     def resolve(self, peers: int, processes: int) -> None:
         """Fill in what depends on the run: the pool size (small networks: one socket per
@@ -171,6 +174,7 @@ class NetworkConfig(_Strict):
 #: config, a peer's pull timeout).
 DEFAULT_TIMEOUT_S: float = NetworkConfig.model_fields["timeout_s"].default
 DEFAULT_HWM: int = NetworkConfig.model_fields["hwm"].default
+DEFAULT_FLOOD_SHARE: float = NetworkConfig.model_fields["flood_share"].default
 
 
 class ComputeConfig(_Strict):

@@ -167,11 +167,18 @@ def expected_reason(frames: list[bytes]) -> str | None:
 # ---------------------------------------------------------------------- the flooder
 
 
-def _dealer(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
+def _dealer(ctx: zmq.Context, endpoint: str, server_key: bytes | None = None) -> zmq.Socket:
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 10_000)  # what was sent is delivered before close returns
-    s.setsockopt(zmq.SNDHWM, 1000)
+    s.setsockopt(zmq.SNDHWM, 1000 if server_key is None else 16)
     s.setsockopt(zmq.RCVHWM, 1000)
+    if server_key is not None:
+        # A CURVE client with a key of its own making: the peer's gatekeeper refuses it at
+        # the handshake.
+        public, secret = zmq.curve_keypair()
+        s.setsockopt(zmq.CURVE_SERVERKEY, server_key)
+        s.setsockopt(zmq.CURVE_PUBLICKEY, public)
+        s.setsockopt(zmq.CURVE_SECRETKEY, secret)
     s.connect(endpoint)
     return s
 
@@ -187,6 +194,8 @@ def flood(
     seed: int = 0,
     report: Callable[[dict[str, Any]], None] | None = None,
     hold: Callable[[], Any] | None = None,
+    server_key: bytes | None = None,
+    connections_per_s: float = 100.0,
 ) -> dict[str, Any]:
     """Send hostile messages to ``endpoint`` for ``seconds`` (or ``max_messages``).
 
@@ -199,22 +208,30 @@ def flood(
     The sockets stay connected until ``hold()`` returns (after ``report(result)``): a peer
     drops the messages still queued for a connection that closes (its inbox has LINGER 0),
     so a test that counts every message lets the peer read them all first.
+
+    With ``server_key`` (the peer's CURVE public key) every socket is a CURVE client with
+    a key the peer does not know: against a CURVE peer none of it gets past the handshake.
+    A refused client does not reconnect, so a socket whose queue is full is replaced by a
+    new one with a new key: a new connection and handshake each time (``connections``), up
+    to ``connections_per_s``.
     """
     rng = random.Random(seed)
     ctx = zmq.Context()
-    hostile = [_dealer(ctx, endpoint) for _ in range(sockets)]
-    greedy = [_dealer(ctx, endpoint) for _ in range(greedy_sockets)]
+    hostile = [_dealer(ctx, endpoint, server_key) for _ in range(sockets)]
+    greedy = [_dealer(ctx, endpoint, server_key) for _ in range(greedy_sockets)]
     expected: Counter = Counter()
     categories: Counter = Counter()
     replies: Counter = Counter()
     blocked = 0
+    connections = len(hostile) + len(greedy)
+    next_connect = time.perf_counter()
     sent = 0
     t0 = time.perf_counter()
     deadline = t0 + seconds
     i = 0
     try:
         while sent < max_messages:
-            if (sent & 63) == 0 and time.perf_counter() >= deadline:
+            if time.perf_counter() >= deadline:
                 break
             i += 1
             if greedy and rng.random() < greedy_share:
@@ -229,7 +246,17 @@ def flood(
                 sock.send_multipart(frames, flags=zmq.NOBLOCK)
             except zmq.Again:  # the peer reads slower than we send: wait for room, never forever
                 blocked += 1
-                if not sock.poll(200, zmq.POLLOUT):
+                if server_key is not None:  # refused at the handshake: try again as someone else
+                    wait = next_connect - time.perf_counter()
+                    if wait > 0:
+                        time.sleep(wait)
+                    next_connect = max(next_connect, time.perf_counter() - 0.1) + 1.0 / connections_per_s
+                    pool = greedy if cat == "greedy" else hostile
+                    pool[pool.index(sock)] = _dealer(ctx, endpoint, server_key)
+                    sock.close(0)
+                    connections += 1
+                    continue
+                if not sock.poll(max(1, min(200, int((deadline - time.perf_counter()) * 1000))), zmq.POLLOUT):
                     continue
                 try:
                     sock.send_multipart(frames, flags=zmq.NOBLOCK)
@@ -246,6 +273,7 @@ def flood(
             _drain(s, replies)
         result = {
             "sent": sent, "seconds": elapsed, "rate": sent / elapsed if elapsed else 0.0, "blocked": blocked,
+            "connections": connections,
             "expected": dict(expected), "categories": dict(categories), "replies": dict(replies),
         }
         if report is not None:

@@ -316,7 +316,8 @@ async def host_share(
         fds_base = fd_count()
         links = Links(cfg.links, cfg.peers, cfg.seed) if cfg.use_links else None
         payloads = make_payloads(cfg, ids)
-        tcfg = TransportConfig(pool_size=cfg.pool_size, timeout_s=cfg.network.timeout_s, hwm=cfg.network.hwm)
+        tcfg = TransportConfig(pool_size=cfg.pool_size, timeout_s=cfg.network.timeout_s, hwm=cfg.network.hwm,
+                               flood_share=cfg.network.flood_share)
         schema = stress_schema(cfg)
         t_setup = time.perf_counter()
         for pid in ids:

@@ -76,7 +76,8 @@ def peer_settings(cfg: ExperimentConfig, pid: int) -> PeerSettings:
 def transport_config(cfg: ExperimentConfig) -> TransportConfig:
     n = cfg.network
     assert n.pool_size is not None  # resolved by ExperimentConfig's validator
-    return TransportConfig(pool_size=n.pool_size, timeout_s=n.timeout_s, hwm=n.hwm, limits=Limits(max_abs=n.max_abs))
+    return TransportConfig(pool_size=n.pool_size, timeout_s=n.timeout_s, hwm=n.hwm, limits=Limits(max_abs=n.max_abs),
+                           flood_share=n.flood_share)
 
 
 @dataclass

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import wire
-from ..config import DEFAULT_HWM, DEFAULT_TIMEOUT_S, SMALL_POOL
+from ..config import DEFAULT_FLOOD_SHARE, DEFAULT_HWM, DEFAULT_TIMEOUT_S, SMALL_POOL
 from ..wire import Limits
 
 
@@ -25,6 +25,7 @@ class TransportConfig:
     hwm: int = DEFAULT_HWM  # messages queued per socket before refusing: models are big
     limits: Limits = wire.DEFAULT_LIMITS
     check_sender: bool = True
+    flood_share: float = DEFAULT_FLOOD_SHARE  # see net/admission.py; 1.0 answers everything
 
 
 @dataclass
@@ -40,7 +41,8 @@ class Counters:
     served: int = 0
     #: why pulls I made failed: "timeout", "unknown_peer", "socket", "refused:<reason>", a WireError reason
     pull_failures: Counter = field(default_factory=Counter)
-    #: why requests that reached my inbox got no model: WireError reasons, "not_ready", "dropped_hwm";
+    #: why requests that reached my inbox got no model: WireError reasons, "not_ready", "dropped_hwm",
+    #: "shed" (a stranger's message dropped unread: the flood budget was spent, net/admission.py);
     #: with CURVE also connections refused at the handshake: "auth" (key not in the roster),
     #: "handshake" (no key / plaintext, wrong server key, not ZeroMQ)
     refusals: Counter = field(default_factory=Counter)

@@ -22,6 +22,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from .. import wire
 from ..wire import Kind, ModelPayload, WireError
+from .admission import Admission
 from .config import Counters, TransportConfig, TransportError
 from .frames import EVENTS, POLLIN, prepared_frames, recv_now, send_now
 
@@ -29,6 +30,11 @@ if TYPE_CHECKING:
     from ..security import CurveKeys
 
 SERVED = (Kind.PULL_REQUEST, Kind.PING)
+#: the longest one readiness callback works before the loop's other work runs
+SLICE_S = 0.0005
+#: flooded, the rounds of reads per call, and the longest wait for the next call
+FLOOD_ROUNDS = 2
+FLOOD_TICK_S = 0.005
 
 
 class LinkModel(Protocol):
@@ -75,6 +81,8 @@ class Inbox:
         self._monitor_task: asyncio.Task | None = None
         self._delayed: dict[int, asyncio.TimerHandle] = {}  # replies the link emulator holds back
         self._delayed_seq = itertools.count()
+        self.admission = Admission(share=config.flood_share)
+        self._tick: asyncio.TimerHandle | None = None  # flooded: the next round at the latest
         self._closed = False
         # Over inproc a zero-copy reply hands the puller a view of my cached snapshot: a
         # puller that changed its tensors in place would change what I serve. Copy there.
@@ -132,6 +140,9 @@ class Inbox:
         if self._fd is not None and self._loop is not None:
             self._loop.remove_reader(self._fd)
             self._fd = None
+        if self._tick is not None:
+            self._tick.cancel()
+            self._tick = None
         for h in self._delayed.values():
             h.cancel()
         self._delayed.clear()
@@ -197,27 +208,79 @@ class Inbox:
 
         ZeroMQ's descriptor is edge-triggered: it fires when the socket's state changes and
         is re-armed by reading ``EVENTS``, so the queue is drained until ``EVENTS`` says it
-        is empty. A burst is bounded; the rest is answered after the loop's other work.
+        is empty. One call works for at most ``SLICE_S``, then lets the loop's other work
+        run before it goes on. Trusted senders are answered at once, the others within the
+        admission budget (see :mod:`.admission`).
+
+        Once that budget is spent (a flood), a call reads ``FLOOD_ROUNDS`` *rounds*: ZeroMQ
+        hands out one message per connection in turn, so reading until a routing id comes
+        back reads every connection's next message, an honest request among them. The
+        second round finds the connections that have just been emptied, and ZeroMQ signals
+        the next message of a connection only once it has been seen empty. So the next
+        call comes when the descriptor fires again, mostly for an honest request (the
+        flood's connections stay full), or after ``FLOOD_TICK_S``; the messages left queued
+        push back on their senders.
         """
         sync = self._sync
         if self._closed or sync is None:
             return
+        adm = self.admission
+        now = time.perf_counter()
+        adm.refill(now)
+        end = now + SLICE_S
+        seen: set[bytes] | None = None  # the routing ids of this round, once flooded
+        rounds = 0
         try:
-            for _ in range(256):
+            while True:
                 if not sync.getsockopt(EVENTS) & POLLIN:
                     return
-                self._handle(recv_now(sync))
+                frames = recv_now(sync)
+                rid = frames[0].bytes
+                if adm.is_trusted(rid):
+                    self._handle(frames)
+                elif adm.may_answer:
+                    self._handle(frames)
+                    adm.charge(time.perf_counter() - now)
+                else:
+                    self._shed(frames)
+                if seen is None:
+                    if not adm.may_answer:
+                        seen = {rid}
+                elif rid not in seen:
+                    seen.add(rid)
+                else:
+                    rounds += 1
+                    if rounds == FLOOD_ROUNDS:
+                        break
+                    seen = {rid}
+                now = time.perf_counter()
+                if now >= end:
+                    break
         except zmq.Again:
             return
         except zmq.ZMQError:  # e.g. the context is terminating: nothing left to serve
             return
-        assert self._loop is not None
-        self._loop.call_soon(self._on_ready)
+        loop = self._loop
+        assert loop is not None
+        if adm.may_answer:
+            loop.call_soon(self._on_ready)
+        elif self._tick is None:
+            self._tick = loop.call_later(FLOOD_TICK_S, self._on_tick)
+
+    def _on_tick(self) -> None:
+        self._tick = None
+        self._on_ready()
+
+    def _shed(self, frames: list) -> None:
+        """Drop an untrusted message unread: the admission budget is spent (a flood)."""
+        self.counters.msgs_in += 1
+        self.counters.refusals["shed"] += 1
 
     def _handle(self, frames: list) -> None:
         """Answer one request that reached the inbox."""
         if len(frames) < 2:
             self.counters.refusals["frames"] += 1
+            self.admission.distrust(frames[0].bytes)
             return
         rid, body = frames[0].bytes, frames[1:]
         self.counters.msgs_in += 1
@@ -226,11 +289,12 @@ class Inbox:
         except WireError as e:
             self.counters.bytes_in += sum(len(f) for f in body)
             self.counters.refusals[e.reason] += 1
+            self.admission.distrust(rid)
             self._send(rid, wire.encode_error(self.id, 0, e.reason, e.detail))
             return
         self.counters.bytes_in += req.nbytes
         if req.kind is Kind.PING:
-            self._send(rid, wire.encode_request(self.id, req.request_id, Kind.PONG, self.status))
+            self._send(rid, wire.encode_request(self.id, req.request_id, Kind.PONG, self.status), answered=True)
             return
         payload = self.payload
         if payload is None:
@@ -260,19 +324,27 @@ class Inbox:
         for _ in range(copies):  # a duplicate is discarded by the puller (request id)
             self._send(rid, frames, served=True)
 
-    def _send(self, rid: bytes, frames: list, served: bool = False, nbytes: int | None = None) -> None:
-        """Send without ever blocking the serve loop: a full queue drops the reply."""
+    def _send(self, rid: bytes, frames: list, served: bool = False, nbytes: int | None = None,
+              answered: bool = False) -> None:
+        """Send without ever blocking the serve loop: a full queue drops the reply.
+
+        A model (``served``) or a pong (``answered``) that goes out makes its sender trusted.
+        """
         assert self._sync is not None
         # EAGAIN: the queue is full; EHOSTUNREACH: the puller is gone. Both are counted.
         try:  # through the synchronous shadow: no Future per reply
             send_now(self._sync, [rid, *frames], copy=self._copy_out)
         except zmq.Again:
             self.counters.refusals["dropped_hwm"] += 1
+            self.admission.distrust(rid)
             return
         except zmq.ZMQError:  # EHOSTUNREACH: the puller is gone
             self.counters.refusals["unreachable"] += 1
+            self.admission.distrust(rid)
             return
         self.counters.msgs_out += 1
         self.counters.bytes_out += nbytes if nbytes is not None else sum(memoryview(f).nbytes for f in frames)
         if served:
             self.counters.served += 1
+        if served or answered:
+            self.admission.trust(rid)
