@@ -235,7 +235,9 @@ def test_curve_run_on_ray_refuses_a_plaintext_client(cluster, tmp_path):
             proc.communicate()
     assert proc.returncode == 0, err[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["failed_peers"] == [] and summary["pulls_failed"] == 0
+    why = {p: (r["counters"]["pull_failures"], r["counters"]["refusals"]) for p, r in rd.results().items()
+           if r["counters"]["pull_failures"] or r["counters"]["refusals"]}
+    assert summary["failed_peers"] == [] and summary["pulls_failed"] == 0, why
     assert crossing_pulls(run_dir, [w["peers"] for w in summary["workers"]]) > 0
     assert summary["security"] == "curve" and len(rd.results()) == 20
 

@@ -7,8 +7,8 @@ turn, so an honest request waits behind a message of every flooding connection.
 
 So senders are told apart by their routing id. A sender whose last message was answered
 with a model or a pong is *trusted* and always answered at once. Answering any other
-sender is charged to a budget of ``share`` of the wall time (refilled continuously, up to
-``burst_s`` saved while calm); while the budget is spent their messages are read and
+sender is charged (in CPU time) to a budget of ``share`` of the wall time (refilled
+continuously, up to ``burst_s`` saved while calm); while the budget is spent their messages are read and
 dropped unanswered ("shed", a fraction of the cost of refusing one). A sender whose
 message was refused or whose reply was dropped loses its trust.
 
@@ -50,7 +50,7 @@ class Admission:
         return self._budget > 0.0
 
     def charge(self, seconds: float) -> None:
-        """Answering an untrusted message took ``seconds``."""
+        """Answering an untrusted message took ``seconds`` of CPU time."""
         self._budget -= seconds
 
     def is_trusted(self, rid: bytes) -> bool:

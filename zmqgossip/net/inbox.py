@@ -239,8 +239,11 @@ class Inbox:
                 if adm.is_trusted(rid):
                     self._handle(frames)
                 elif adm.may_answer:
+                    # CPU time, not wall time: a loaded machine's preemptions and waits for
+                    # the GIL are not this sender's doing.
+                    cpu = time.thread_time()
                     self._handle(frames)
-                    adm.charge(time.perf_counter() - now)
+                    adm.charge(time.thread_time() - cpu)
                 else:
                     self._shed(frames)
                 if seen is None:
