@@ -269,7 +269,9 @@ def main() -> None:
     # What the same CPU cost per peer-round gives on an idle machine: each hosting process
     # is bound by its one compute thread (1 core), all of them by the machine's cores.
     proj = None
-    if all("cores_mine" in r for r in runs):
+    # A window too short for the CPU samples to see the compute threads (a --quick run on a
+    # busy machine can read 0) projects nothing.
+    if all(r.get("cores_mine", 0) > 0 and r.get("cores_compute", 0) > 0 for r in runs):
         def idle_rate(p: int) -> float:
             rs = [r for r in runs if r["processes"] == p]
             compute = statistics.median(r["cores_compute"] / r["steady_rate"] for r in rs)  # cpu s / peer-round
