@@ -63,6 +63,10 @@ class Tasks:
         return {}
 
 
+def _dump_stacks(signum: int, frame: object) -> None:
+    faulthandler.dump_traceback(all_threads=True)
+
+
 def worker_main(
     cfg_data: dict[str, Any], ids: list[int], directory: dict[int, str], run_root: str, t0: float, resume: bool = False,
     keys: str | None = None,
@@ -73,7 +77,11 @@ def worker_main(
     secret keys from it; they never travel between processes).
     """
     if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <worker pid>`: every thread's stack on stderr
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
+        # A Python-level handler, not faulthandler.register: that one walks the other
+        # threads' frames from the C signal handler without the GIL, and on 3.11 a thread
+        # caught mid-call can crash the worker (seen in CI). Here the main thread holds the
+        # GIL, so every other thread is parked at a safe point while it is dumped.
+        signal.signal(signal.SIGUSR1, _dump_stacks)
     cfg = ExperimentConfig.model_validate(cfg_data)
     run = RunDir(Path(run_root))
     keyring = None
