@@ -6,10 +6,11 @@ models over ZeroMQ (inproc) beside it. The baseline is a plain loop over the sam
 partition and models that does, per peer-round, exactly the peer's arithmetic and
 nothing else:
 
-    score n pulled states (the peer's ``Scorer``: mean loss on its train set)
-    ``learning.weighted_average`` of own + n, load it, ``learning.train`` (E epochs, batch 8)
+    score n pulled models (the peer's ``Scorer``: mean loss on its train set)
+    ``FlatModel.mix`` of own + n (the model kept in one buffer, as a peer keeps it),
+    ``learning.train`` (E epochs, batch 8)
     ``learning.evaluate`` on the validation set, offer it to a ``Checkpoint``, keep a copy
-    of the new state as what the others would pull next
+    of the model's frame as what the others would pull next
 
 By default the process is pinned to one CPU (``--cores``): the target is a ratio >= 0.9
 on one core, where everything the event loop does comes out of the compute budget.
@@ -50,7 +51,8 @@ from _common import environment, json_line, median, table  # noqa: F401  (also p
 import numpy as np
 import torch
 
-from zmqgossip import config, hosting, learning, models
+from zmqgossip import config, hosting, learning, models, wire
+from zmqgossip.flat import FlatModel
 from zmqgossip.metrics import RunDir
 from zmqgossip.peer import Peer
 from zmqgossip.scoring import Scorer
@@ -208,27 +210,33 @@ class PlainLoop:
         self.scorers = [
             Scorer(models.build_model(name, part.input_shape, part.num_classes), d.train_x, d.train_y) for d in self.clients
         ]
-        self.states = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in self.models]
+        # Kept as the peers keep them: each model in one buffer laid out as a data frame,
+        # and what the others pull as a copy of that frame.
+        self.flats = [FlatModel.adopt(m) for m in self.models]
+        self.states = [self._published(f) for f in self.flats]
         self.checkpoints = [learning.Checkpoint() for _ in self.models]
         self.gens = [torch.Generator().manual_seed(seed * 1_000_003 + p) for p in range(cfg.peers)]
         self.rng = np.random.default_rng(seed)
         self.step = 0
 
+    @staticmethod
+    def _published(flat: FlatModel) -> wire.Message:
+        return wire.Message(wire.Kind.MODEL_REPLY, 0, 0, data=flat.frame().copy(), layout=flat.layout)
+
     def peer_round(self, i: int) -> None:
-        cfg, d, model = self.cfg, self.clients[i], self.models[i]
+        cfg, d, model, flat = self.cfg, self.clients[i], self.models[i], self.flats[i]
         others = [p for p in range(cfg.peers) if p != i]
         chosen = [int(x) for x in self.rng.choice(others, size=min(cfg.policy.n, len(others)), replace=False)]
         for k in chosen:  # score
-            self.scorers[i].mean_loss(self.states[k])
+            self.scorers[i].mean_loss_of(self.states[k])
         n_i = int(d.train_y.shape[0])
         weights = [n_i, *(int(self.clients[k].train_y.shape[0]) for k in chosen)]
-        avg = learning.weighted_average([model.state_dict(), *(self.states[k] for k in chosen)], weights)
-        model.load_state_dict(avg)
+        flat.mix([flat.frame(), *(flat.frame_of(self.states[k]) for k in chosen)], weights)
         t = cfg.train
         learning.train(model, d.train_x, d.train_y, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, generator=self.gens[i])
         val_loss, _ = learning.evaluate(model, d.val_x, d.val_y)
         self.checkpoints[i].offer(val_loss, model, self.step)
-        self.states[i] = {k: v.detach().clone() for k, v in model.state_dict().items()}  # "publish"
+        self.states[i] = self._published(flat)  # "publish"
 
     def run(self, peer_rounds: int) -> tuple[float, float]:
         """(wall, CPU) seconds for ``peer_rounds`` updates, round-robin over the peers."""

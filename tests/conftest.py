@@ -42,6 +42,7 @@ MODULE_TIERS: dict[str, str] = {
     "test_run_dir": "unit",
     "test_scoring": "unit",
     "test_wire": "unit",
+    "test_flat": "unit",
     "test_hostile": "sockets",
     "test_links": "sockets",
     "test_peer_loop": "sockets",

@@ -63,8 +63,11 @@ def run_quick(quick: dict[str, Any]):
 
 def test_wire_benchmark_compares_codec_with_memcpy(run_quick):
     line = run_quick("wire")
-    for size in ("0.25MB", "10MB"):
-        assert line[size]["ratio_both_vs_memcpy"] > 0 and line[size]["memcpy_GBps"] > 0
+    for size in ("0.25MB", "10MB", "10 tensors", "100 tensors"):
+        r = line[size]
+        assert r["ratio_both_vs_memcpy"] > 0 and r["memcpy_GBps"] > 0
+        assert r["both_us"] > 0 and r["both_dict_us"] > 0 and r["views_us"] > 0
+    assert line["100 tensors"]["tensors"] == 100 and line["tensors_100_vs_10"] > 0
 
 
 def test_transport_benchmark_measures_pulls_raw_and_the_asyncio_floor(run_quick):

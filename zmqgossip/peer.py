@@ -28,6 +28,7 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .compute import ComputeThread
 from .config import DEFAULT_TIMEOUT_S
 from .data import ClientData
+from .flat import FlatModel
 from .metrics import Event, RunDir
 from .policies import Policy, Pulled
 from .scoring import Scorer
@@ -110,6 +111,9 @@ class Peer:
         self._compute_wall = 0.0  # wall time of this update's compute, queueing included
         self.n_samples = int(data.train_y.shape[0])
         self.snapshots = SnapshotMemory()  # this peer's published models take turns in it
+        # The model's tensors in one buffer laid out as a data frame: a snapshot is one copy
+        # and mixing pulled models one weighted sum per dtype.
+        self.flat = FlatModel.adopt(model)
         # The live model's tensors, fetched once: training and load_state_dict change them
         # in place and never replace them, and state_dict() costs a walk of the module tree.
         self.live_state = model.state_dict()
@@ -135,8 +139,9 @@ class Peer:
         return {"train_loss": train_loss, "val_loss": val_loss, "val_acc": val_acc}
 
     def _snapshot(self) -> ModelPayload:
-        return ModelPayload.build(
-            self.live_state,
+        return ModelPayload.from_frame(
+            self.flat.frame(),
+            self.flat.layout,
             step=self.state.step,
             version=self.state.version + 1,
             n_samples=self.n_samples,
@@ -157,20 +162,20 @@ class Peer:
         losses = []
         for r in replies:
             assert r.message is not None
-            losses.append(self.scorer.mean_loss(r.message.tensors))
+            losses.append(self.scorer.mean_loss_of(r.message))
         return losses
 
     def _aggregate_train(self, replies: list[PullResult], weights: list[float]) -> dict[str, float]:
         if replies:
-            states = [self.live_state]
+            frames = [self.flat.frame()]
             ws = [weights[0]]
             for r, w in zip(replies, weights[1:]):
                 if w > 0:  # PENS gives zero weight to models outside its top-n
                     assert r.message is not None
-                    states.append(r.message.tensors)
+                    frames.append(self.flat.frame_of(r.message))
                     ws.append(w)
-            if len(states) > 1:
-                self.model.load_state_dict(learning.weighted_average(states, ws))
+            if len(frames) > 1:
+                self.flat.mix(frames, ws)
         return self._train_and_validate()
 
     def _test(self) -> float:

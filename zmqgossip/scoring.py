@@ -26,7 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import learning
+from .flat import FlatModel
 from .models import CNN28
+from .wire import Message
 
 __all__ = ["Scorer"]
 
@@ -168,11 +170,20 @@ class Scorer:
             batch_size = _CNN28Patches.BATCH if is_cnn28 else learning.EVAL_BATCH
         self._cnn28 = _CNN28Patches(x, batch_size) if is_cnn28 else None
         self.model, self.x, self.y, self.batch_size = model, x, y, batch_size
+        # A pulled model loads into the scratch model as one copy of its data frame.
+        self._flat = FlatModel.adopt(model) if self._cnn28 is None else None
 
     @property
     def windows_computed(self) -> float:
         """Share of the CNN28's conv1 windows the product runs on (1.0 for any other path)."""
         return self._cnn28.windows_computed if self._cnn28 is not None else 1.0
+
+    def mean_loss_of(self, msg: Message) -> float:
+        """:meth:`mean_loss` of the model a message carries."""
+        if self._flat is None:
+            return self.mean_loss(msg.tensors)
+        self._flat.load(self._flat.frame_of(msg))
+        return learning.mean_loss(self.model, self.x, self.y, self.batch_size)
 
     def mean_loss(self, state: Mapping[str, torch.Tensor]) -> float:
         """Mean cross-entropy over the client's data of the model with parameters ``state``."""

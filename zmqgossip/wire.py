@@ -244,7 +244,12 @@ DEFAULT_LIMITS = Limits()
 
 @dataclass
 class Message:
-    """A decoded message. ``tensors`` share memory with the received data frame."""
+    """A decoded message.
+
+    A model's bytes are ``data`` (the received data frame, checked, laid out as
+    ``layout``); ``tensors`` are views of it, made on first use: a receiver that works on
+    the frame as a whole (a :class:`~zmqgossip.flat.FlatModel`) never pays a view per tensor.
+    """
 
     kind: Kind
     sender: int
@@ -253,11 +258,23 @@ class Message:
     version: int = 0
     n_samples: int = 0
     scores: dict[int, float] | None = None
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     reason: str | None = None  # error replies: the refusal code
     detail: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     nbytes: int = 0  # bytes on the wire, all frames
+    data: np.ndarray | None = None  # model and payload replies: the data frame's bytes
+    layout: Layout | None = None  # ... and where each tensor lies in them
+    _tensors: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Name -> tensor, views of ``data`` (no copy); empty for messages without a model."""
+        if self._tensors is None:
+            if self.data is None or self.layout is None:
+                self._tensors = {}
+            else:
+                self._tensors = dict(zip(self.layout.names, _views(torch.from_numpy(self.data), self.layout)))
+        return self._tensors
 
 
 def schema_of(state: Mapping[str, torch.Tensor]) -> Schema:
@@ -461,6 +478,42 @@ class ModelPayload:
                 arr = np.zeros(layout.size, dtype=np.uint8)
                 _copy_into(_views(torch.from_numpy(arr), layout), state)
                 data = memoryview(arr)
+        return cls._encode(data, layout, step=step, version=version, n_samples=n_samples, scores=scores, meta=meta)
+
+    @classmethod
+    def from_frame(
+        cls,
+        frame: np.ndarray,
+        layout: Layout,
+        *,
+        step: int,
+        version: int,
+        n_samples: int,
+        scores: Mapping[int, float] | None = None,
+        meta: Mapping[str, Any] | None = None,
+        memory: SnapshotMemory | None = None,
+    ) -> "ModelPayload":
+        """Snapshot a model that already is a data frame (a :class:`~zmqgossip.flat.FlatModel`'s
+        buffer, laid out as ``layout``): one copy of ``frame``, whatever the number of tensors."""
+        if frame.dtype != np.uint8 or frame.ndim != 1 or frame.nbytes != layout.size:
+            raise ValueError(f"a data frame of {layout.size} bytes (uint8) is expected, got {frame.dtype} {frame.shape}")
+        data = memory.take(layout.size) if memory is not None else np.empty(layout.size, dtype=np.uint8)
+        np.copyto(data, frame)
+        return cls._encode(memoryview(data), layout, step=step, version=version, n_samples=n_samples,
+                           scores=scores, meta=meta)
+
+    @classmethod
+    def _encode(
+        cls,
+        data: Frame,
+        layout: Layout,
+        *,
+        step: int,
+        version: int,
+        n_samples: int,
+        scores: Mapping[int, float] | None,
+        meta: Mapping[str, Any] | None,
+    ) -> "ModelPayload":
         fields: dict[str, Any] = {
             "step": int(step),
             "version": int(version),
@@ -668,12 +721,11 @@ def _decode(
         # bytes objects are read-only; torch wants writable memory. zmq frames received
         # with copy=False are writable, so the hot path never copies.
         base = base.copy()
-    tensors = _views(torch.from_numpy(base), layout)
+    msg.data, msg.layout = base, layout
     if kind is Kind.MODEL_REPLY and (limits.check_finite or limits.max_abs is not None):
         for g in layout.groups:
             if g.wd in _FLOAT_DTYPES and g.end > g.start:
-                _check_group(g, base, tensors, layout, limits)
-    msg.tensors = dict(zip(layout.names, tensors))
+                _check_group(g, base, msg, limits)
     msg.nbytes = _buffer(frames[0]).nbytes + _buffer(frames[1]).nbytes + data.nbytes
     return msg
 
@@ -791,7 +843,7 @@ def _check_schema(entries: Sequence[tuple[str, str, tuple[int, ...], int, int]],
             raise WireError("schema", f"tensor {name!r}: got {wd}{list(shape)}, this model has {ewd}{list(eshape)}")
 
 
-def _check_group(g: _Group, base: np.ndarray, tensors: list[torch.Tensor], layout: Layout, limits: Limits) -> None:
+def _check_group(g: _Group, base: np.ndarray, msg: Message, limits: Limits) -> None:
     """One pass over the span of a dtype's tensors; only a span that fails is looked at
     tensor by tensor (to name the culprit, or because the span also holds padding or
     other tensors' bytes that are no values of this dtype)."""
@@ -806,9 +858,11 @@ def _check_group(g: _Group, base: np.ndarray, tensors: list[torch.Tensor], layou
             return
     elif _values_ok(torch.from_numpy(span).view(DTYPES[g.wd][0]), limits):
         return
+    entries, tensors = msg.layout.entries, msg.tensors  # type: ignore[union-attr]
     for i, *_ in g.members:
-        if layout.entries[i][3]:
-            _check_values(layout.entries[i][0], tensors[i], limits)
+        name, _, _, nb, _ = entries[i]
+        if nb:
+            _check_values(name, tensors[name], limits)
 
 
 def _values_ok(t: torch.Tensor, limits: Limits) -> bool:
