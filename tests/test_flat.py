@@ -61,6 +61,22 @@ def test_adopting_moves_the_tensors_but_keeps_values_parameters_and_memory_forma
     assert bytes(flat.frame()) == bytes(ref)
 
 
+def test_tied_weights_stay_one_tensor_and_every_name_in_the_frame_follows_it() -> None:
+    m = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    m[1].weight = m[0].weight  # tied: one Parameter under two names
+    flat = FlatModel.adopt(m)
+    assert m[1].weight is m[0].weight
+    with torch.no_grad():
+        m[0].weight.add_(1.0)
+    frame = decode(ModelPayload.from_frame(flat.frame(), flat.layout, step=0, version=1, n_samples=1).reply(1, 1))
+    assert torch.equal(frame.tensors["0.weight"], m[0].weight) and torch.equal(frame.tensors["1.weight"], m[0].weight)
+    other = flat.frame().copy()
+    with torch.no_grad():
+        m[0].weight.zero_()
+    flat.load(other)
+    assert torch.equal(m[1].weight, frame.tensors["0.weight"])
+
+
 @pytest.mark.parametrize("name", ["mlp", "cnn28"])
 def test_training_writes_through_to_the_frame_and_snapshots_decode_to_the_state(name: str) -> None:
     m = model(name, 1)

@@ -53,8 +53,8 @@ class FlatModel:
         # (slot in the buffer, the live tensor) of tensors kept in their own memory
         self._outside_slots = [s for s, _ in outside]
         self._outside_live = [t for _, t in outside]
-        # Per dtype span with values to average: (start, end, torch dtype); others are copied
         self._equal: wire.Layout | None = None  # another Layout object found equal to ours
+        # Per dtype span with values to average: (start, end, torch dtype); others are copied
         self._spans = [(g.start, g.end, wire.DTYPES[g.wd][0]) for g in layout.groups
                        if g.wd in _FLOAT and g.end > g.start]
 
@@ -66,14 +66,17 @@ class FlatModel:
         buffer = _aligned_zeros(layout.size)
         slots = wire._views(torch.from_numpy(buffer), layout)
         outside: list[tuple[torch.Tensor, torch.Tensor]] = []
+        moved: set[int] = set()
         with torch.no_grad():
             for (name, t), slot in zip(state.items(), slots):
                 slot.copy_(t)
                 # Strides, not is_contiguous(): a channels-last weight with one input
                 # channel counts as contiguous, yet its strides steer oneDNN's choice of kernel.
-                if t.stride() != slot.stride() or t.device.type != "cpu":
+                # A tensor under a second name (tied weights) lives in its first slot.
+                if t.stride() != slot.stride() or t.device.type != "cpu" or id(t) in moved:
                     outside.append((slot, t.detach()))
                     continue
+                moved.add(id(t))
                 owner, _, attr = name.rpartition(".")
                 module = model.get_submodule(owner)
                 if attr in module._parameters:
