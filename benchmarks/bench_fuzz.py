@@ -17,7 +17,9 @@ of their own, which the gatekeeper refuses at the handshake: nothing they send s
 reach Python).  With ``--neighbour`` the flood goes to peer 1 instead while the honest
 peer still pulls peer 0: what the flood costs a peer that is not flooded itself, but
 shares its process and the machine's cores (the floor the victim's own figures can reach
-on this machine).
+on this machine).  With ``--apart`` the flooders run on the first CPU only and everything
+else (the victim's process, the honest puller) on the others, as if the attackers were
+other machines: what is left is the flood's cost to the victim's own process.
 
 Reported per variant and phase: the honest pulls (ok / failed) and their latency p50 /
 p99 / max, the messages per second the victim read, refused and shed, and the victim's
@@ -26,7 +28,7 @@ over the flood, peers that crashed, and the two ratios the flood is judged by (h
 p99 during / before, victim rounds/s during / before).  Timing is never asserted.
 
 Usage: python benchmarks/bench_fuzz.py [--quick] [--seconds S] [--flooders N]
-                                       [--variants plain,curve] [--neighbour]
+                                       [--variants plain,curve] [--neighbour] [--apart]
 """
 
 from __future__ import annotations
@@ -99,7 +101,8 @@ def honest_puller(directory: dict, schema: dict, keys: CurveKeys | None, seconds
     out.put(asyncio.run(main()))
 
 
-def run_variant(variant: str, flooders: int, phase: float, target: int) -> dict[str, Any]:
+def run_variant(variant: str, flooders: int, phase: float, target: int,
+                flood_cpus: list[int] | None = None) -> dict[str, Any]:
     """One run of the three phases; the figures of :func:`summarise` come from it."""
     cfg = experiment()
     part = hosting.build_partition(cfg)
@@ -114,7 +117,7 @@ def run_variant(variant: str, flooders: int, phase: float, target: int) -> dict[
         keyring = load_keyring(folder, roster, [*range(cfg.peers), HONEST_ID])
         honest_keys = keyring.for_peer(HONEST_ID)
         server_key = keyring.public[target]
-    floods = [fuzz.Flooder(directory[target], seconds=phase, seed=1 + k, server_key=server_key)
+    floods = [fuzz.Flooder(directory[target], seconds=phase, seed=1 + k, server_key=server_key, cpus=flood_cpus)
               for k in range(flooders)]
     spawn = mp.get_context("spawn")
     out, go, ready = spawn.Queue(), spawn.Queue(), spawn.Event()
@@ -239,19 +242,29 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS), help="plain, curve or both")
     ap.add_argument("--neighbour", action="store_true",
                     help="flood peer 1 while the honest peer pulls peer 0 (the machine's floor)")
+    ap.add_argument("--apart", action="store_true",
+                    help="flooders on the first CPU, the victim and the honest puller on the others")
     args = ap.parse_args()
     variants = [v for v in args.variants.split(",") if v]
     if not variants or set(variants) - set(VARIANTS):
         ap.error(f"--variants: choose from {', '.join(VARIANTS)}")
+    flood_cpus = None
+    if args.apart:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            ap.error("--apart needs at least 2 CPUs")
+        flood_cpus = cpus[:1]
+        # This thread only, before any other exists: every later thread and child inherits it.
+        os.sched_setaffinity(0, cpus[1:])
     phase = args.seconds or (3.0 if args.quick else 10.0)
     torch.set_num_threads(1)
     target = NEIGHBOUR if args.neighbour else VICTIM
-    results = {v: summarise(v, run_variant(v, args.flooders, phase, target)) for v in variants}
+    results = {v: summarise(v, run_variant(v, args.flooders, phase, target, flood_cpus)) for v in variants}
 
     where = "peer 1, beside the victim in its process" if args.neighbour else "the victim"
     print(f"fuzz: live peer (digits MLP, 4 peers training in one process, tcp); honest pulls of the victim "
           f"every {PULL_EVERY_S * 1e3:.0f} ms from another process; {args.flooders} flooding processes "
-          f"against {where}")
+          f"against {where}" + (f"; flooders on CPU {flood_cpus}, the rest on the others" if flood_cpus else ""))
     for v, r in results.items():
         rows = [[v, name, d["seconds"], d["pulls_ok"], d["pulls_failed"], d["p50_ms"], d["p99_ms"], d["max_ms"],
                  d["msgs_per_s"], d["refused_per_s"], d["shed_per_s"], d["rounds_per_s"]]
@@ -269,7 +282,7 @@ def main() -> None:
     first = results[variants[0]]
     json_line("fuzz", {
         "env": environment(), "quick": args.quick, "phase_s": phase, "flooders": args.flooders,
-        "neighbour": args.neighbour, **{k: v for k, v in first.items() if k != "phases"},
+        "neighbour": args.neighbour, "apart": args.apart, **{k: v for k, v in first.items() if k != "phases"},
         "phases": first["phases"], "variants": results,
     })
 

@@ -75,6 +75,7 @@ MODULE_TIERS: dict[str, str] = {
 # processes.
 TEST_TIERS: dict[str, str] = {
     "test_hostile::test_flooded_peer_keeps_training_serving_and_counts_every_refusal": "slow",
+    "test_hostile::test_a_flooder_runs_on_the_cpus_it_is_given": "processes",
     "test_learning::test_mlp_learns_digits": "slow",
     "test_links::test_a_late_joiner_catches_up": "slow",
     "test_links::test_killed_peers_stop_answering_and_the_rest_finish": "slow",

@@ -234,3 +234,20 @@ def test_flooded_peer_keeps_training_serving_and_counts_every_refusal(tmp_path, 
         assert any(VICTIM in e.ok for e in rd.events(pid))
     # Memory bounded.
     assert report["rss1"] - report["rss0"] < RSS_BOUND_MB
+
+
+def test_a_flooder_runs_on_the_cpus_it_is_given():
+    """``Flooder(cpus=...)`` keeps the flooding process (and the threads it starts) off the
+    other cores, as an attacker on another machine would be."""
+    cpu = min(os.sched_getaffinity(0))
+    flooder = fuzz.Flooder(make_directory("tcp", [0])[0], seconds=0.2, seed=1, cpus=[cpu])
+    try:
+        deadline = time.monotonic() + 60
+        while os.sched_getaffinity(flooder.process.pid) != {cpu}:
+            assert time.monotonic() < deadline, os.sched_getaffinity(flooder.process.pid)
+            time.sleep(0.05)
+        flooder.go()
+        assert flooder.result()["seconds"] < 30  # it flooded (nobody listening) and stopped
+    finally:
+        flooder.release()
+    assert flooder.process.exitcode == 0

@@ -25,10 +25,11 @@ under attack has its own interpreter.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import msgpack
@@ -301,7 +302,10 @@ def _drain(sock: zmq.Socket, replies: Counter) -> None:
         replies[msg.reason if msg.kind is Kind.ERROR_REPLY else msg.kind.name.lower()] += 1
 
 
-def _flooder_main(endpoint: str, go: Any, release: Any, out: Any, kwargs: dict[str, Any]) -> None:
+def _flooder_main(endpoint: str, go: Any, release: Any, out: Any, kwargs: dict[str, Any],
+                  cpus: Collection[int] | None = None) -> None:
+    if cpus is not None:  # before any thread (ZeroMQ's I/O thread) exists: they inherit it
+        os.sched_setaffinity(0, cpus)
     go.wait(120)
     try:
         flood(endpoint, report=out.put, hold=lambda: release.wait(120), **kwargs)
@@ -310,12 +314,18 @@ def _flooder_main(endpoint: str, go: Any, release: Any, out: Any, kwargs: dict[s
 
 
 class Flooder:
-    """:func:`flood` in a spawned process: ``go()``, then ``result()``, then ``release()``."""
+    """:func:`flood` in a spawned process: ``go()``, then ``result()``, then ``release()``.
 
-    def __init__(self, endpoint: str, **kwargs: Any) -> None:
+    ``cpus``: the CPUs the flooding process may run on (Linux), e.g. to keep it off the
+    cores of the peer it floods, as an attacker on another machine would be.
+    """
+
+    def __init__(self, endpoint: str, *, cpus: Collection[int] | None = None, **kwargs: Any) -> None:
         ctx = mp.get_context("spawn")
         self._go, self._release, self._out = ctx.Event(), ctx.Event(), ctx.Queue()
-        self.process = ctx.Process(target=_flooder_main, args=(endpoint, self._go, self._release, self._out, kwargs),
+        self.process = ctx.Process(target=_flooder_main,
+                                   args=(endpoint, self._go, self._release, self._out, kwargs,
+                                         None if cpus is None else sorted(cpus)),
                                    daemon=True)
         self.process.start()
 
