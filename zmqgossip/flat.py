@@ -15,7 +15,6 @@ and written back when the frame changes.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 from . import wire
+from .learning import normalised_weights
 
 __all__ = ["FlatModel"]
 
@@ -128,20 +128,10 @@ class FlatModel:
         1), the same arithmetic as :func:`~zmqgossip.learning.weighted_average` over the
         frames' tensors: floating values are averaged, one weighted sum per dtype over
         the whole frame; other tensors (integer buffers) are taken from the first frame."""
-        if not frames:
-            raise ValueError("mix of no frames")
-        if len(weights) != len(frames):
-            raise ValueError(f"{len(frames)} frames but {len(weights)} weights")
-        w64 = [float(w) for w in weights]
-        if any(not math.isfinite(w) or w < 0 for w in w64):
-            raise ValueError(f"weights must be finite and >= 0, got {w64}")
-        total = math.fsum(w64)
-        if total <= 0:
-            raise ValueError("weights sum to 0")
+        wt = normalised_weights(weights, len(frames), "frames")
         for f in frames:
             if f.dtype != np.uint8 or f.shape != self.buffer.shape:
                 raise ValueError(f"a frame of {self.buffer.nbytes} bytes is expected, got {f.dtype} {f.shape}")
-        wt = torch.tensor([w / total for w in w64], dtype=torch.float64)
         tensors = [torch.from_numpy(f) for f in frames]
         if frames[0] is not self.buffer:
             np.copyto(self.buffer, frames[0])  # integer tensors and padding: from the first

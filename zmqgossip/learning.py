@@ -124,6 +124,22 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return s / n, c / n
 
 
+def normalised_weights(weights: Sequence[float], count: int, what: str) -> torch.Tensor:
+    """The weights of a mean of ``count`` ``what`` (states, frames), checked (finite, >= 0,
+    one per item, not all 0) and normalised to sum to 1, in float64."""
+    if count == 0:
+        raise ValueError(f"a weighted mean of no {what}")
+    if len(weights) != count:
+        raise ValueError(f"{count} {what} but {len(weights)} weights")
+    w64 = [float(w) for w in weights]
+    if any(not math.isfinite(w) or w < 0 for w in w64):
+        raise ValueError(f"weights must be finite and >= 0, got {w64}")
+    total = math.fsum(w64)
+    if total <= 0:
+        raise ValueError("weights sum to 0")
+    return torch.tensor([w / total for w in w64], dtype=torch.float64)
+
+
 def weighted_average(
     states: Sequence[Mapping[str, torch.Tensor]],
     weights: Sequence[float],
@@ -135,22 +151,12 @@ def weighted_average(
     number of states); other tensors (integer buffers) are copied from the first state.
     With ``out``, results are written into its tensors in place and ``out`` is returned.
     """
-    if len(states) == 0:
-        raise ValueError("weighted_average of no states")
-    if len(weights) != len(states):
-        raise ValueError(f"{len(states)} states but {len(weights)} weights")
-    w64 = [float(w) for w in weights]
-    if any(not math.isfinite(w) or w < 0 for w in w64):
-        raise ValueError(f"weights must be finite and >= 0, got {w64}")
-    total = math.fsum(w64)
-    if total <= 0:
-        raise ValueError("weights sum to 0")
+    wt = normalised_weights(weights, len(states), "states")
     keys = list(states[0].keys())
     for i, s in enumerate(states[1:], 1):
         if len(s) != len(keys) or any(k not in s for k in keys):
             missing = sorted(set(keys) ^ set(s.keys()))
             raise ValueError(f"state {i} has different tensors from state 0: {missing}")
-    wt = torch.tensor([w / total for w in w64], dtype=torch.float64)
     wcache: dict[torch.dtype, torch.Tensor] = {}
     result: dict[str, torch.Tensor] = {} if out is None else out
     for k in keys:
