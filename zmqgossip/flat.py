@@ -64,7 +64,7 @@ class FlatModel:
         state = model.state_dict(keep_vars=True)
         layout = wire.layout_of(state)
         buffer = _aligned_zeros(layout.size)
-        slots = wire._views(torch.from_numpy(buffer), layout)
+        slots = wire.views_of(torch.from_numpy(buffer), layout)
         outside: list[tuple[torch.Tensor, torch.Tensor]] = []
         moved: set[int] = set()
         with torch.no_grad():
@@ -115,7 +115,7 @@ class FlatModel:
         if theirs != {e[0]: e[1:3] for e in self.layout.entries}:
             raise ValueError("the message's tensors differ from this model's")
         got = msg.tensors  # another order or other offsets: tensor by tensor, by name
-        wire._copy_into(wire._views(torch.from_numpy(out), self.layout), {k: got[k] for k in self.layout.names})
+        wire.copy_into(wire.views_of(torch.from_numpy(out), self.layout), {k: got[k] for k in self.layout.names})
         return out
 
     def load(self, frame: np.ndarray) -> None:

@@ -273,7 +273,7 @@ class Message:
             if self.data is None or self.layout is None:
                 self._tensors = {}
             else:
-                self._tensors = dict(zip(self.layout.names, _views(torch.from_numpy(self.data), self.layout)))
+                self._tensors = dict(zip(self.layout.names, views_of(torch.from_numpy(self.data), self.layout)))
         return self._tensors
 
 
@@ -317,8 +317,9 @@ def _signature(state: Mapping[str, torch.Tensor]) -> list[tuple[torch.dtype, tor
     return [(t.dtype, t.shape) for t in state.values()]
 
 
-def _views(base: torch.Tensor, layout: Layout) -> list[torch.Tensor]:
-    """Typed views of a byte tensor laid out as ``layout``, in table order."""
+def views_of(base: torch.Tensor, layout: Layout) -> list[torch.Tensor]:
+    """Typed views of a byte tensor laid out as ``layout``, in table order (an empty
+    tensor gets a fresh empty tensor: it has no bytes to view)."""
     out: list[torch.Tensor] = [None] * len(layout.entries)  # type: ignore[list-item]
     for g in layout.groups:
         tdt = DTYPES[g.wd][0]
@@ -346,7 +347,7 @@ class _Buffer:
 
     def views_for(self, layout: Layout) -> list[torch.Tensor]:
         if self.layout is not layout:
-            self.views, self.layout = _views(self.tensor, layout), layout
+            self.views, self.layout = views_of(self.tensor, layout), layout
         return self.views
 
 
@@ -412,11 +413,12 @@ class SnapshotMemory:
     def snapshot(self, state: Mapping[str, torch.Tensor], layout: Layout) -> np.ndarray:
         """Copy ``state`` into a free buffer laid out as ``layout``; the buffer's bytes."""
         b = self._take(layout.size)
-        _copy_into(b.views_for(layout), state)
+        copy_into(b.views_for(layout), state)
         return b.array
 
 
-def _copy_into(views: list[torch.Tensor], state: Mapping[str, torch.Tensor]) -> None:
+def copy_into(views: list[torch.Tensor], state: Mapping[str, torch.Tensor]) -> None:
+    """Copy ``state``'s tensors, in order, into ``views`` (:func:`views_of` a buffer)."""
     # One call copies every tensor (each in its logical order: channels-last weights too);
     # no_grad: parameters that require grad are read, never recorded.
     if views:
@@ -476,7 +478,7 @@ class ModelPayload:
                 data = memoryview(memory.snapshot(state, layout))
             else:
                 arr = np.zeros(layout.size, dtype=np.uint8)
-                _copy_into(_views(torch.from_numpy(arr), layout), state)
+                copy_into(views_of(torch.from_numpy(arr), layout), state)
                 data = memoryview(arr)
         return cls._encode(data, layout, step=step, version=version, n_samples=n_samples, scores=scores, meta=meta)
 
