@@ -26,15 +26,6 @@ from .learning import normalised_weights
 
 __all__ = ["FlatModel"]
 
-_FLOAT = {"float32", "float64", "float16", "bfloat16"}
-
-
-def _aligned_zeros(nbytes: int) -> np.ndarray:
-    base = np.zeros(nbytes + wire.ALIGN, dtype=np.uint8)
-    skip = -base.__array_interface__["data"][0] % wire.ALIGN
-    return base[skip : skip + nbytes]
-
-
 class FlatModel:
     """``model``'s parameters and buffers moved into one wire-laid-out buffer.
 
@@ -44,9 +35,7 @@ class FlatModel:
     message's model in this layout.
     """
 
-    def __init__(self, model: nn.Module, layout: wire.Layout, buffer: np.ndarray,
-                 outside: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        self.model = model
+    def __init__(self, layout: wire.Layout, buffer: np.ndarray, outside: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         self.layout = layout
         self.buffer = buffer  # uint8, ``layout.size`` bytes, cache-line aligned
         self._slots = torch.from_numpy(buffer)
@@ -56,14 +45,14 @@ class FlatModel:
         self._equal: wire.Layout | None = None  # another Layout object found equal to ours
         # Per dtype span with values to average: (start, end, torch dtype); others are copied
         self._spans = [(g.start, g.end, wire.DTYPES[g.wd][0]) for g in layout.groups
-                       if g.wd in _FLOAT and g.end > g.start]
+                       if g.wd in wire.FLOAT_DTYPES and g.end > g.start]
 
     @classmethod
     def adopt(cls, model: nn.Module) -> "FlatModel":
         """Move ``model``'s parameters and buffers into one buffer (values unchanged)."""
         state = model.state_dict(keep_vars=True)
         layout = wire.layout_of(state)
-        buffer = _aligned_zeros(layout.size)
+        buffer = wire.aligned_zeros(layout.size)
         slots = wire.views_of(torch.from_numpy(buffer), layout)
         outside: list[tuple[torch.Tensor, torch.Tensor]] = []
         moved: set[int] = set()
@@ -83,7 +72,7 @@ class FlatModel:
                     module._parameters[attr].data = slot  # the Parameter object stays
                 else:
                     module._buffers[attr] = slot
-        return cls(model, layout, buffer, outside)
+        return cls(layout, buffer, outside)
 
     def frame(self) -> np.ndarray:
         """The model's current values as a data frame (the buffer itself: copy to keep)."""
@@ -107,7 +96,7 @@ class FlatModel:
             same, self._equal = True, msg.layout  # the receiver's schema: the same layout again and again
         if same and msg.data.nbytes == self.layout.size:
             return msg.data
-        out = _aligned_zeros(self.layout.size)
+        out = wire.aligned_zeros(self.layout.size)
         if same:  # a sender that did not pad the frame's end
             out[: msg.data.nbytes] = msg.data
             return out

@@ -76,7 +76,7 @@ DTYPES: dict[str, tuple[torch.dtype, np.dtype]] = {
     "bool": (torch.bool, np.dtype("?")),
 }
 _TORCH_TO_WIRE = {tdt: name for name, (tdt, _) in DTYPES.items()}
-_FLOAT_DTYPES = {"float32", "float64", "float16", "bfloat16"}
+FLOAT_DTYPES = frozenset({"float32", "float64", "float16", "bfloat16"})  # values checked and averaged
 _KINDS = {k.value: k for k in Kind}
 _REPLY_KINDS = (Kind.MODEL_REPLY, Kind.PAYLOAD_REPLY)
 
@@ -317,6 +317,17 @@ def _signature(state: Mapping[str, torch.Tensor]) -> list[tuple[torch.dtype, tor
     return [(t.dtype, t.shape) for t in state.values()]
 
 
+def aligned_zeros(nbytes: int) -> np.ndarray:
+    """``nbytes`` zero bytes starting at a multiple of :data:`ALIGN`, for a data frame.
+
+    Zeroed (calloc: no cost until touched): padding between tensors stays zero, which
+    keeps the receiver's one pass per dtype on its fast path.
+    """
+    base = np.zeros(nbytes + ALIGN, dtype=np.uint8)
+    skip = -base.__array_interface__["data"][0] % ALIGN  # (.ctypes would make a cycle)
+    return base[skip : skip + nbytes]
+
+
 def views_of(base: torch.Tensor, layout: Layout) -> list[torch.Tensor]:
     """Typed views of a byte tensor laid out as ``layout``, in table order (an empty
     tensor gets a fresh empty tensor: it has no bytes to view)."""
@@ -398,11 +409,7 @@ class SnapshotMemory:
                 if b.array.nbytes == nbytes and sys.getrefcount(b.array) == 3:
                     self.reused += 1
                     return b
-            # Zeroed (calloc: no cost until touched): padding between tensors stays zero,
-            # which keeps the receiver's one pass per dtype on its fast path.
-            base = np.zeros(nbytes + ALIGN, dtype=np.uint8)
-            skip = -base.__array_interface__["data"][0] % ALIGN  # (.ctypes would make a cycle)
-            b = _Buffer(base[skip : skip + nbytes])
+            b = _Buffer(aligned_zeros(nbytes))
             self.allocated += 1
             if len(self._buffers) >= self.keep:
                 # Drop the list's hold on one buffer (its users keep it alive until done).
@@ -726,7 +733,7 @@ def _decode(
     msg.data, msg.layout = base, layout
     if kind is Kind.MODEL_REPLY and (limits.check_finite or limits.max_abs is not None):
         for g in layout.groups:
-            if g.wd in _FLOAT_DTYPES and g.end > g.start:
+            if g.wd in FLOAT_DTYPES and g.end > g.start:
                 _check_group(g, base, msg, limits)
     msg.nbytes = _buffer(frames[0]).nbytes + _buffer(frames[1]).nbytes + data.nbytes
     return msg
