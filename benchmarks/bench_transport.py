@@ -3,8 +3,11 @@
 For each topology (inproc / ipc / tcp in one process; ipc / tcp between two processes)
 and model size (0.25 MB LeNet, 10 MB), measured in the same run and interleaved:
 
-  pull  ``Transport.pull``: request, reply from the cached ``ModelPayload``, decode with the
-        receiver's schema into tensors (asyncio, as the peers run it)
+  pull  ``Transport.start_pulls`` as a peer pulls: request, reply from the cached
+        ``ModelPayload``, decode with the receiver's schema (asyncio, as the peers run it);
+        the values are left to the peer's compute thread, which reads them anyway
+  pull+v  the same, then ``wire.check_values`` in the same thread (what the pull costs if
+        the finiteness pass stays on the event loop)
   raw   a plain DEALER/ROUTER multipart request/reply of the same frames (blocking pyzmq;
         the server replies with pre-built ZeroMQ messages, ``prepared_frames`` as the
         Transport sends them; no decoding)
@@ -14,8 +17,8 @@ same Transport server as the pulls:
 
   floor   the least an asyncio client does: send the request on a bare DEALER, wait for
           its descriptor on the event loop, receive the frames; no decoding
-  floor+  the same, then ``decode`` with the receiver's schema (the validation every
-          pull must do: headers, tensor table, a finiteness pass over every value)
+  floor+  the same, then ``decode`` with the receiver's schema as a pull decodes (headers,
+          tensor table, offsets; the values are the compute thread's)
 
   await+  the same as floor+ written the usual asyncio way: ``await recv_multipart()`` on a
           pyzmq asyncio socket (what a descriptor callback saves: see docs/NETWORK.md)
@@ -27,7 +30,7 @@ pull / floor+, the median over rounds of the pull slice's rate over the floor+ s
 
 Reported: pulls/s, GB/s of model bytes, p50/p99 latency over all rounds, and the ratio
 to raw of pulls per second: each side runs in 20 short slices, each slice between two
-raw slices (raw | pull floor floor+ | raw | ...) and compared with their mean rate, and
+raw slices (raw | pull pull+v floor floor+ await+ | raw | ...) and compared with their mean rate, and
 the figure is the median over the slices (this host's speed moves by tens of percent
 within a second; fewer, longer slices read that as a result). Target for pull >= 0.8
 for 0.25 MB and >= 0.85 for 10 MB on ipc between two processes. Timing is never asserted.
@@ -163,7 +166,7 @@ class Floor:
             frames = self.sock.recv_multipart(copy=False)
             fut, self.future = self.future, None
             try:
-                fut.set_result(wire.decode(frames, expect=self.schema) if self.schema is not None else frames)
+                fut.set_result(wire.decode(frames, expect=self.schema, check_values=False) if self.schema is not None else frames)
             except wire.WireError as e:  # fail the benchmark at once, not after a timeout
                 fut.set_exception(e)
 
@@ -195,7 +198,7 @@ class Awaited:
     async def once(self) -> Any:
         await self.sock.send_multipart(self.req)
         frames = await asyncio.wait_for(self.sock.recv_multipart(copy=False), 30)
-        return wire.decode(frames, expect=self.schema)
+        return wire.decode(frames, expect=self.schema, check_values=False)
 
     def close(self) -> None:
         self.sock.close(0)
@@ -204,10 +207,12 @@ class Awaited:
 # ------------------------------------------------------------------ pulls
 
 
-async def pull_once(t: Transport) -> Any:
-    r = await t.pull(SERVER, timeout=30)
+async def pull_once(t: Transport, check: bool = False) -> Any:
+    [r] = await t.start_pulls((SERVER,), 30, check_values=False).wait()
     if not r.ok:
         raise RuntimeError(f"pull failed: {r.reason} {r.detail}")
+    if check:
+        wire.check_values(r.message, t.config.limits)
     return r
 
 
@@ -293,7 +298,7 @@ def run_config(kind: str, size: str, where: str, seconds: float, base: str, remo
     nbytes = state_bytes(state)
     sctx = zmq.Context()
     actx = zmq.asyncio.Context()
-    sides = ("raw", "pull", "floor", "floor+", "await+") if where == "2proc" else ("raw", "pull")
+    sides = ("raw", "pull", "pull+v", "floor", "floor+", "await+") if where == "2proc" else ("raw", "pull")
     lat: dict[str, list[float]] = {k: [] for k in sides}
     rates: dict[str, list[float]] = {k: [] for k in sides}  # pulls/s per slice
     tag = f"{kind}-{size}"
@@ -326,7 +331,7 @@ def run_config(kind: str, size: str, where: str, seconds: float, base: str, remo
                 floors = {"floor": Floor(sctx, d[SERVER], None), "floor+": Floor(sctx, d[SERVER], schema),
                           "await+": Awaited(actx, d[SERVER], schema)}
             try:
-                # raw | pull floor floor+ | raw | pull ... | raw: every slice of the other
+                # raw | pull pull+v floor floor+ await+ | raw | pull ... | raw: every slice of the other
                 # sides sits between two raw slices and is compared with their mean rate.
                 slice_s = seconds / ROUNDS
                 for i in range(ROUNDS + 1):
@@ -336,6 +341,8 @@ def run_config(kind: str, size: str, where: str, seconds: float, base: str, remo
                     if i == ROUNDS:
                         break
                     got = {"pull": await time_async(lambda: pull_once(me), slice_s)}
+                    if "pull+v" in sides:
+                        got["pull+v"] = await time_async(lambda: pull_once(me, check=True), slice_s)
                     for k, f in floors.items():
                         got[k] = await time_async(f.once, slice_s)
                     for k, ts in got.items():
@@ -421,7 +428,7 @@ def main() -> None:
     for r in results:
         if r["kind"] == "ipc" and r["where"] == "2proc":
             print(f"ipc, two processes, {r['size']} ({r['bytes'] / MB:.2f} MiB): pull/raw = {r['ratio']:.2f} (target >= {0.8 if r['size'] == '0.25MB' else 0.85}); "
-                  f"asyncio floor {r['floor_ratio']:.2f}, floor + decode {r['floor+_ratio']:.2f}; "
+                  f"with the value check on the loop {r['pull+v_ratio']:.2f}; asyncio floor {r['floor_ratio']:.2f}, floor + decode {r['floor+_ratio']:.2f}; "
                   f"pull / floor+ = {r['pull_vs_floor+']:.2f}; awaiting recv + decode {r['await+_ratio']:.2f}")
     figures = {f"{r['kind']}_{r['where']}_{r['size']}": {k: v for k, v in r.items() if k not in ("kind", "size", "where", "sides")}
                for r in results}

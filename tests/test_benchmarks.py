@@ -80,6 +80,7 @@ def test_transport_benchmark_measures_pulls_raw_and_the_asyncio_floor(run_quick)
         for size in ("0.25MB", "10MB"):
             r = line[f"{kind}_2proc_{size}"]
             assert r["ratio"] > 0 and r["floor_ratio"] > 0 and r["floor+_ratio"] > 0 and r["pull_vs_floor+"] > 0
+            assert r["pull+v"]["n"] >= 5 and r["pull+v_ratio"] > 0
 
 
 def test_stress_benchmark_reports_each_part(run_quick):

@@ -186,3 +186,20 @@ def test_scoring_a_message_equals_scoring_its_state(name: str) -> None:
         state = frozen(model(name, seed))
         msg = decode(wire.encode_model(state, sender=1), expect=schema_of(state))
         assert scorer.mean_loss_of(msg) == scorer.mean_loss(state)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn28"])
+def test_a_model_is_read_only_once_its_values_are_checked(name: str) -> None:
+    """Mixing and scoring refuse a message decoded without its value check until
+    ``wire.check_values`` has passed it: a NaN can never reach a model unchecked."""
+    x, y = torch.randn(8, *SHAPES[name]), torch.randint(0, 10, (8,))
+    m = model(name, 1)
+    flat, scorer = FlatModel.adopt(m), Scorer(model(name, 2), x, y)
+    state = frozen(model(name, 3))
+    msg = decode(wire.encode_model(state, sender=1), expect=schema_of(state), check_values=False)
+    for read in (flat.frame_of, scorer.mean_loss_of):
+        with pytest.raises(ValueError, match="not checked"):
+            read(msg)
+    wire.check_values(msg)
+    assert flat.frame_of(msg) is msg.data
+    assert scorer.mean_loss_of(msg) == scorer.mean_loss(state)

@@ -4,7 +4,8 @@ Six honest peers run DAC (``hosting.host_peers``); peer 6 is a hand-rolled serve
 its endpoint in the directory that answers pings as a ready peer and every pull with a
 poisoned model: NaN, +-Inf, a transposed shape, a missing or an extra tensor, the wrong
 dtype, a value above ``network.max_abs``, or a valid model whose head claims to come from
-another peer.  Each is refused by the puller's decode with its reason counted, never
+another peer.  Each is refused by the puller (its structure by the decode on the event
+loop, its values by the check in the compute thread) with its reason counted, never
 averaged, never scored: the honest peers' accuracy is that of a run where peer 6 is
 simply dead.  A second malicious server serves a valid but useless model claiming a
 huge ``n_samples``: the cap keeps its share of every average at an equal share.

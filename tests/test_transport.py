@@ -102,6 +102,40 @@ def test_pull_returns_the_exact_published_tensors(kind, actx, directory_of, run_
     run_async(body(), 30)
 
 
+def test_a_pull_can_leave_the_value_check_to_the_caller_who_hands_a_refusal_back(actx, directory_of, run_async):
+    """A peer checks pulled values in its compute thread (check_values=False): the pull
+    delivers the model unchecked, and a model the caller refuses counts as a failed pull."""
+    state = reference_state()
+    poisoned = {k: v.clone() for k, v in state.items()}
+    next(iter(poisoned.values())).view(-1)[5] = float("nan")
+
+    async def body():
+        ts = await started(actx, directory_of("inproc", [0, 1]), [0, 1], expect=schema_of(state))
+        try:
+            ts[1].publish(payload(poisoned))
+            r = await ts[0].pull(1, timeout=5)
+            assert not r.ok and r.reason == "nonfinite", r
+            [r] = await ts[0].start_pulls([1], 5, check_values=False).wait()
+            assert r.ok and not r.message.checked
+            assert ts[0].counters.pulls_ok == 1 and ts[0].counters.pulls_failed == 1
+            with pytest.raises(wire.WireError) as ei:
+                wire.check_values(r.message, ts[0].config.limits)
+            ts[0].refuse(r, ei.value)
+            assert not r.ok and r.message is None and r.reason == "nonfinite"
+            ts[0].refuse(r, ei.value)  # a failed pull is not counted twice
+            c = ts[0].counters
+            assert (c.pulls_ok, c.pulls_failed, dict(c.pull_failures)) == (0, 2, {"nonfinite": 2})
+            ts[1].publish(payload(state, version=2))
+            [r] = await ts[0].start_pulls([1], 5, check_values=False).wait()
+            wire.check_values(r.message, ts[0].config.limits)
+            assert r.message.checked
+            assert_same_state(r.message.tensors, state)
+        finally:
+            await close_all(ts)
+
+    run_async(body(), 30)
+
+
 def test_pull_from_an_unknown_peer_fails_with_unknown_peer(actx, run_async):
     async def body():
         ts = await started(actx, make_directory("inproc", [0, 1]), [0, 1])

@@ -34,7 +34,7 @@ from .policies import Policy, Pulled
 from .scoring import Scorer
 from .net import Counters, PullResult, Transport
 from .turns import Turn, Turns
-from .wire import ModelPayload, SnapshotMemory
+from .wire import Limits, ModelPayload, SnapshotMemory, WireError, check_values
 
 T = TypeVar("T")
 
@@ -196,38 +196,50 @@ class Peer:
         step = self.state.step
         chosen = self.policy.choose()
         t_pull = time.perf_counter()
-        pulling = self.transport.start_pulls(chosen, self.settings.pull_timeout_s)
+        # Values are checked in the compute thread, just before scoring or mixing reads
+        # them: the event loop only checks a reply's structure (see wire.check_values).
+        pulling = self.transport.start_pulls(chosen, self.settings.pull_timeout_s, check_values=False)
         results = await (pulling.wait() if turn is None else turn.wait_for(pulling))
         pull_s = time.perf_counter() - t_pull
-        replies = [r for r in results if r.ok and r.message is not None]
-        failed = {str(r.peer): r.reason for r in results if not r.ok}
-        failed_ids = [r.peer for r in results if not r.ok]
-        ages, lags = _staleness(replies, step)
-        nbytes = sum(r.nbytes for r in replies)
-        scoring = self.policy.scores_models and bool(replies)
+        received = [r for r in results if r.ok and r.message is not None]
+        ages, lags = _staleness(received, step)
         # A sender's n_samples is its own claim: capped, so no one peer can swamp the mix.
         cap = max(1, int(self.settings.max_sample_ratio * self.n_samples))
         test_due = bool(self.settings.test_every) and (step + 1) % self.settings.test_every == 0
+        limits = self.transport.config.limits
 
-        def update(replies: list[PullResult]) -> tuple[list[Pulled], list[float], dict[str, float], float | None, ModelPayload]:
-            # Score, update the weights, aggregate, train, test and snapshot in one trip
-            # to the compute thread: each hop costs a wake-up of the event loop.
-            losses = self._score(replies) if scoring else [None] * len(replies)
+        def update(received: list[PullResult]) -> tuple:
+            # Check, score, update the weights, aggregate, train, test and snapshot in one
+            # trip to the compute thread: each hop costs a wake-up of the event loop.
+            refused = _refused_values(received, limits)
+            keep = [r for i, r in enumerate(received) if i not in refused]
+            gone = {id(received[i]) for i in refused}
+            scoring = self.policy.scores_models and bool(keep)
+            losses = self._score(keep) if scoring else [None] * len(keep)
             pulled = [
                 Pulled(r.peer, min(r.message.n_samples, cap), loss, r.message.scores)  # type: ignore[union-attr]
-                for r, loss in zip(replies, losses)
+                for r, loss in zip(keep, losses)
             ]
+            failed_ids = [r.peer for r in results if not r.ok or id(r) in gone]
             if failed_ids:
                 self.policy.pulls_failed(failed_ids)
             self.policy.update(pulled)
             weights = self.policy.mix_weights(self.n_samples, pulled)
-            stats = self._aggregate_train(replies, weights)
+            stats = self._aggregate_train(keep, weights)
             self.state.step = step + 1
             test_acc = self._test() if test_due else None
-            return pulled, weights, stats, test_acc, self._snapshot()
+            return refused, scoring, pulled, weights, stats, test_acc, self._snapshot()
 
-        pulled, weights, stats, test_acc, payload = await self._compute(functools.partial(update, replies))
-        del replies, results  # release the received frames
+        refused, scoring, pulled, weights, stats, test_acc, payload = await self._compute(
+            functools.partial(update, received))
+        for i, err in refused.items():  # on the loop's thread: it owns the counters
+            self.transport.refuse(received[i], err)
+        if refused:
+            ages = [a for i, a in enumerate(ages) if i not in refused]
+            lags = [g for i, g in enumerate(lags) if i not in refused]
+        nbytes = sum(r.nbytes for r in received if r.ok)
+        failed = {str(r.peer): r.reason for r in results if not r.ok}
+        del received, results  # release the received frames
         self.state.last_val_acc = stats["val_acc"]
         if test_acc is not None:
             self.state.last_test_acc = test_acc
@@ -371,6 +383,18 @@ class Peer:
             "round0_t": self.t0,  # wall clock of round 0: event times count from here
             **extra,
         }
+
+
+def _refused_values(received: list[PullResult], limits: Limits) -> dict[int, WireError]:
+    """The pulled models whose values ``limits`` refuse (NaN, Inf, too large): their
+    index in ``received``, and why."""
+    refused: dict[int, WireError] = {}
+    for i, r in enumerate(received):
+        try:
+            check_values(r.message, limits)  # type: ignore[arg-type]
+        except WireError as e:
+            refused[i] = e
+    return refused
 
 
 def _staleness(replies: list[PullResult], my_step: int) -> tuple[list[float | None], list[int]]:

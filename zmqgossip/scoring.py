@@ -179,7 +179,9 @@ class Scorer:
         return self._cnn28.windows_computed if self._cnn28 is not None else 1.0
 
     def mean_loss_of(self, msg: Message) -> float:
-        """:meth:`mean_loss` of the model a message carries."""
+        """:meth:`mean_loss` of the model a message carries (its values checked)."""
+        if not msg.checked:
+            raise ValueError("the message's values are not checked yet (wire.check_values)")
         if self._flat is None:
             return self.mean_loss(msg.tensors)
         self._flat.load(self._flat.frame_of(msg))

@@ -264,6 +264,8 @@ class Message:
     nbytes: int = 0  # bytes on the wire, all frames
     data: np.ndarray | None = None  # model and payload replies: the data frame's bytes
     layout: Layout | None = None  # ... and where each tensor lies in them
+    #: False while a model's values wait for :func:`check_values` (``decode(check_values=False)``)
+    checked: bool = True
     _tensors: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
@@ -615,15 +617,21 @@ def decode(
     expect: Schema | None = None,
     limits: Limits = DEFAULT_LIMITS,
     kinds: Sequence[Kind] | None = None,
+    check_values: bool = True,
 ) -> Message:
     """Decode and validate one message; raise :class:`WireError` on anything wrong.
 
     ``expect`` is the receiver's model schema (see :func:`schema_of`): when given, a model
     must have exactly these tensor names, dtypes and shapes.  ``kinds`` restricts which
     message kinds are acceptable here (e.g. a server accepts only requests).
+
+    ``check_values=False`` leaves a model's values (finite, within ``limits.max_abs``)
+    to :func:`check_values`, for a receiver that reads the model in another thread: the
+    event loop then only checks structure, and the one pass over the values happens where
+    the bytes are read anyway. Such a message has ``checked = False`` until then.
     """
     try:
-        return _decode(frames, expect, limits, kinds)
+        return _decode(frames, expect, limits, kinds, check_values)
     except WireError:
         raise
     except Exception as e:  # a bug or an input we did not foresee: still a refusal
@@ -671,6 +679,7 @@ def _decode(
     expect: Schema | None,
     limits: Limits,
     kinds: Sequence[Kind] | None,
+    values: bool = True,
 ) -> Message:
     kind, sender, request_id = check_head(frames, kinds)
     msg = Message(kind=kind, sender=sender, request_id=request_id)
@@ -731,12 +740,32 @@ def _decode(
         # with copy=False are writable, so the hot path never copies.
         base = base.copy()
     msg.data, msg.layout = base, layout
-    if kind is Kind.MODEL_REPLY and (limits.check_finite or limits.max_abs is not None):
-        for g in layout.groups:
-            if g.wd in FLOAT_DTYPES and g.end > g.start:
-                _check_group(g, base, msg, limits)
+    if kind is Kind.MODEL_REPLY:
+        if values:
+            _check_model_values(msg, limits)
+        else:
+            msg.checked = False
     msg.nbytes = _buffer(frames[0]).nbytes + _buffer(frames[1]).nbytes + data.nbytes
     return msg
+
+
+def check_values(msg: Message, limits: Limits = DEFAULT_LIMITS) -> None:
+    """The value check :func:`decode` left out (``check_values=False``): every float is
+    finite and, with ``limits.max_abs``, within it; else :class:`WireError` ("nonfinite"
+    or "magnitude", naming the tensor). One pass per dtype over the data frame; a message
+    already checked costs nothing."""
+    if msg.checked:
+        return
+    _check_model_values(msg, limits)
+    msg.checked = True
+
+
+def _check_model_values(msg: Message, limits: Limits) -> None:
+    if msg.layout is None or msg.data is None or not (limits.check_finite or limits.max_abs is not None):
+        return
+    for g in msg.layout.groups:
+        if g.wd in FLOAT_DTYPES and g.end > g.start:
+            _check_group(g, msg.data, msg, limits)
 
 
 def _known_table_body(frame: Frame, layout: Layout, limits: Limits) -> dict | None:

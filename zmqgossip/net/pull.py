@@ -51,9 +51,10 @@ class PullBatch:
     """The pulls started together by :meth:`Puller.start`; its future is set by the last
     one to finish."""
 
-    __slots__ = ("results", "left", "future", "ops", "timer")
+    __slots__ = ("results", "left", "future", "ops", "timer", "check_values")
 
-    def __init__(self, n: int, future: asyncio.Future) -> None:
+    def __init__(self, n: int, future: asyncio.Future, check_values: bool = True) -> None:
+        self.check_values = check_values  # False: the caller checks the models' values (wire.check_values)
         self.results: list[PullResult | None] = [None] * n
         self.left = n
         self.future = future
@@ -180,7 +181,8 @@ class Pull:
                 reply = recv_now(d.sync)
                 c.msgs_in += 1
                 try:
-                    msg = wire.decode(reply, expect=self.expect, limits=client.config.limits, kinds=want)
+                    msg = wire.decode(reply, expect=self.expect, limits=client.config.limits, kinds=want,
+                                      check_values=self.batch.check_values)
                 except WireError as e:
                     nbytes = sum(memoryview(f).nbytes for f in reply)
                     c.bytes_in += nbytes
@@ -288,11 +290,11 @@ class Puller:
         return next(self._request_ids)
 
     def start(self, peers: tuple[int, ...], timeout: float | None = None, expect: Schema | None = None,
-              kind: Kind = Kind.PULL_REQUEST) -> PullBatch:
+              kind: Kind = Kind.PULL_REQUEST, check_values: bool = True) -> PullBatch:
         """Start one pull per peer at once; their batch."""
         timeout = self.config.timeout_s if timeout is None else timeout
         loop = self.loop
-        batch = PullBatch(len(peers), loop.create_future())
+        batch = PullBatch(len(peers), loop.create_future(), check_values)
         expect = expect if expect is not None else self.expect
         try:
             for i, peer in enumerate(peers):
@@ -338,6 +340,15 @@ class Puller:
                 self.counters.pulls_failed += 1
                 self.counters.pull_failures[res.reason or "unknown"] += 1
         return res
+
+    def refuse(self, res: PullResult, error: WireError) -> None:
+        """A delivered model refused later by the caller's value check: counted as failed."""
+        if not res.ok:
+            return
+        res.ok, res.message, res.reason, res.detail = False, None, error.reason, error.detail
+        self.counters.pulls_ok -= 1
+        self.counters.pulls_failed += 1
+        self.counters.pull_failures[error.reason] += 1
 
     def close(self) -> None:
         """Close every socket; pulls still going fail, later ones fail at once."""

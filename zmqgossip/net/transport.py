@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import zmq.asyncio
 
-from ..wire import Kind, ModelPayload, Schema
+from ..wire import Kind, ModelPayload, Schema, WireError
 from .config import Counters, TransportConfig
 from .inbox import Inbox, LinkModel
 from .pool import SocketPool
@@ -109,15 +109,25 @@ class Transport:
 
     # ------------------------------------------------------------------ pulling
     def start_pulls(self, peers: Iterable[int], timeout: float | None = None, *, expect: Schema | None = None,
-                    kind: Kind = Kind.PULL_REQUEST) -> PullBatch:
+                    kind: Kind = Kind.PULL_REQUEST, check_values: bool = True) -> PullBatch:
         """Send one pull per peer now; ``await batch.wait()`` gives the results in that order.
 
         The one way to pull (a single pull is a batch of one). Never raises for network
         trouble; never hangs: every pull ends by ``timeout`` (default ``config.timeout_s``).
         A caller may do something while they travel (a peer lends its turn when they take
         long, see turns.py) without wrapping them in a task of its own.
+
+        ``check_values=False``: the models' values are left for the caller to check with
+        ``wire.check_values`` where it first reads them (off the event loop); a model it
+        refuses then is handed back with :meth:`refuse`.
         """
-        return self.puller.start(tuple(peers), timeout, expect, kind)
+        return self.puller.start(tuple(peers), timeout, expect, kind, check_values)
+
+    def refuse(self, result: PullResult, error: WireError) -> None:
+        """``result``'s model failed the value check its caller made after the pull: the pull
+        now counts as failed for ``error.reason``, as if decode had refused it. Call it on
+        the event loop's thread (it owns the counters)."""
+        self.puller.refuse(result, error)
 
     async def pull(self, peer: int, timeout: float | None = None, expect: Schema | None = None,
                    kind: Kind = Kind.PULL_REQUEST) -> PullResult:
