@@ -208,19 +208,20 @@ class Peer:
         test_due = bool(self.settings.test_every) and (step + 1) % self.settings.test_every == 0
         limits = self.transport.config.limits
 
-        def update(received: list[PullResult]) -> tuple:
+        def update(received: list[PullResult]) -> tuple[
+            dict[int, WireError], bool, list[Pulled], list[float], dict[str, float], float | None, ModelPayload
+        ]:
             # Check, score, update the weights, aggregate, train, test and snapshot in one
             # trip to the compute thread: each hop costs a wake-up of the event loop.
             refused = _refused_values(received, limits)
             keep = [r for i, r in enumerate(received) if i not in refused]
-            gone = {id(received[i]) for i in refused}
             scoring = self.policy.scores_models and bool(keep)
             losses = self._score(keep) if scoring else [None] * len(keep)
             pulled = [
                 Pulled(r.peer, min(r.message.n_samples, cap), loss, r.message.scores)  # type: ignore[union-attr]
                 for r, loss in zip(keep, losses)
             ]
-            failed_ids = [r.peer for r in results if not r.ok or id(r) in gone]
+            failed_ids = [r.peer for r in results if not r.ok] + [received[i].peer for i in refused]
             if failed_ids:
                 self.policy.pulls_failed(failed_ids)
             self.policy.update(pulled)

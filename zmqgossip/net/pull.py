@@ -346,9 +346,8 @@ class Puller:
         if not res.ok:
             return
         res.ok, res.message, res.reason, res.detail = False, None, error.reason, error.detail
-        self.counters.pulls_ok -= 1
-        self.counters.pulls_failed += 1
-        self.counters.pull_failures[error.reason] += 1
+        self.counters.pulls_ok -= 1  # counted ok when it was delivered
+        self.count(res, Kind.PULL_REQUEST)
 
     def close(self) -> None:
         """Close every socket; pulls still going fail, later ones fail at once."""
