@@ -17,9 +17,12 @@ of their own, which the gatekeeper refuses at the handshake: nothing they send s
 reach Python).  With ``--neighbour`` the flood goes to peer 1 instead while the honest
 peer still pulls peer 0: what the flood costs a peer that is not flooded itself, but
 shares its process and the machine's cores (the floor the victim's own figures can reach
-on this machine).  With ``--apart`` the flooders run on the first CPU only and everything
-else (the victim's process, the honest puller) on the others, as if the attackers were
-other machines: what is left is the flood's cost to the victim's own process.
+on this machine).  With ``--floor`` each variant runs both ways in the same run, the
+victim first, and the neighbour's ratios are printed beside the victim's as its floor.
+With ``--apart`` the flooders run on the first CPU only and everything else (the victim's
+process, the honest puller) on the others, as if the attackers were other machines: what
+is left is the flood's cost to the victim's own process (with fewer than 2 CPUs
+everything shares the one there is, and the JSON line says ``"apart": false``).
 
 Reported per variant and phase: the honest pulls (ok / failed) and their latency p50 /
 p99 / max, the messages per second the victim read, refused and shed, and the victim's
@@ -28,7 +31,7 @@ over the flood, peers that crashed, and the two ratios the flood is judged by (h
 p99 during / before, victim rounds/s during / before).  Timing is never asserted.
 
 Usage: python benchmarks/bench_fuzz.py [--quick] [--seconds S] [--flooders N]
-                                       [--variants plain,curve] [--neighbour] [--apart]
+                                       [--variants plain,curve] [--neighbour | --floor] [--apart]
 """
 
 from __future__ import annotations
@@ -196,6 +199,11 @@ def run_variant(variant: str, flooders: int, phase: float, target: int,
     return figures
 
 
+# What a --floor run keeps of the neighbour's figures.
+FLOOR_KEYS = ("p99_ms_no_flood", "p99_ms_flood", "p99_ratio_flood_vs_no_flood", "rounds_ratio_flood_vs_no_flood",
+              "fuzz_msgs_per_s", "crashes", "rss_growth_mb")
+
+
 def summarise(variant: str, figures: dict[str, Any]) -> dict[str, Any]:
     marks = figures["marks"]
     bounds = [marks["before"], marks["flood"], marks["after"], marks["end"]]
@@ -242,24 +250,35 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS), help="plain, curve or both")
     ap.add_argument("--neighbour", action="store_true",
                     help="flood peer 1 while the honest peer pulls peer 0 (the machine's floor)")
+    ap.add_argument("--floor", action="store_true",
+                    help="after each variant, the same flood against peer 1 (the --neighbour run): the victim's floor")
     ap.add_argument("--apart", action="store_true",
                     help="flooders on the first CPU, the victim and the honest puller on the others")
     args = ap.parse_args()
     variants = [v for v in args.variants.split(",") if v]
     if not variants or set(variants) - set(VARIANTS):
         ap.error(f"--variants: choose from {', '.join(VARIANTS)}")
+    if args.floor and args.neighbour:
+        ap.error("--floor already runs the --neighbour flood after each variant")
     flood_cpus = None
     if args.apart:
         cpus = sorted(os.sched_getaffinity(0))
         if len(cpus) < 2:
-            ap.error("--apart needs at least 2 CPUs")
-        flood_cpus = cpus[:1]
-        # This thread only, before any other exists: every later thread and child inherits it.
-        os.sched_setaffinity(0, cpus[1:])
+            print(f"--apart needs 2 CPUs, this process may use {len(cpus)}: the flooders share it", flush=True)
+            args.apart = False
+        else:
+            flood_cpus = cpus[:1]
+            # This thread only, before any other exists: every later thread and child inherits it.
+            os.sched_setaffinity(0, cpus[1:])
     phase = args.seconds or (3.0 if args.quick else 10.0)
     torch.set_num_threads(1)
     target = NEIGHBOUR if args.neighbour else VICTIM
-    results = {v: summarise(v, run_variant(v, args.flooders, phase, target, flood_cpus)) for v in variants}
+    results = {}
+    for v in variants:
+        results[v] = summarise(v, run_variant(v, args.flooders, phase, target, flood_cpus))
+        if args.floor:
+            beside = summarise(v, run_variant(v, args.flooders, phase, NEIGHBOUR, flood_cpus))
+            results[v]["floor"] = {k: beside[k] for k in FLOOR_KEYS}
 
     where = "peer 1, beside the victim in its process" if args.neighbour else "the victim"
     print(f"fuzz: live peer (digits MLP, 4 peers training in one process, tcp); honest pulls of the victim "
@@ -279,10 +298,18 @@ def main() -> None:
                 [[v, r["flooder_sent"], r["fuzz_msgs_per_s"], r["p99_ms_no_flood"], r["p99_ms_flood"],
                   r["p99_ratio_flood_vs_no_flood"], r["rounds_ratio_flood_vs_no_flood"], r["rss_growth_mb"],
                   r["crashes"]] for v, r in results.items()]))
+    floors = [[v, r["floor"]["p99_ms_no_flood"], r["floor"]["p99_ms_flood"], r["floor"]["p99_ratio_flood_vs_no_flood"],
+               r["p99_ratio_flood_vs_no_flood"], r["floor"]["rounds_ratio_flood_vs_no_flood"],
+               r["rounds_ratio_flood_vs_no_flood"]] for v, r in results.items() if "floor" in r]
+    if floors:
+        print("floor: the same flood against peer 1 while the honest peer pulls peer 0, which nobody floods (same "
+              "process, same cores): what sharing a process with a flooded inbox costs")
+        print(table(["variant", "floor p99 before ms", "during ms", "floor ratio", "victim ratio",
+                     "floor rounds ratio", "victim rounds ratio"], floors))
     first = results[variants[0]]
     json_line("fuzz", {
         "env": environment(), "quick": args.quick, "phase_s": phase, "flooders": args.flooders,
-        "neighbour": args.neighbour, "apart": args.apart, **{k: v for k, v in first.items() if k != "phases"},
+        "neighbour": args.neighbour, "apart": args.apart, "floor": args.floor, **{k: v for k, v in first.items() if k not in ("phases", "floor")},
         "phases": first["phases"], "variants": results,
     })
 

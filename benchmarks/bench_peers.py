@@ -29,8 +29,15 @@ so on one core it also counts time the compute thread was preempted by the event
 and the runner's extra CPU per peer-round over the plain loop, split into the event loop's
 and the compute thread's, beside what the 0.9 target allows (base / 0.9 - base).
 
+The floor (skipped with ``--no-floor``): the same runner with method ``local`` (no pulls,
+no scoring, no mixing: a round trains, validates, checkpoints, publishes its snapshot and
+logs its event) against the plain loop of that arithmetic, interleaved the same way. Its
+ratio is what the asyncio runner itself (a compute thread beside the event loop, one hop
+there and back per round, snapshots, event lines) costs before any model is pulled; the
+config's extra CPU minus the floor's is what the pulls add.
+
 Configs: (a) digits + MLP, label shift; (b) mnist-bundled + CNN28, rotation 0/180.
-Run: ``python benchmarks/bench_peers.py [--quick] [--only mlp|cnn] [--repeats R] [--profile]``.
+Run: ``python benchmarks/bench_peers.py [--quick] [--only mlp|cnn] [--repeats R] [--profile] [--no-floor]``.
 Ends with one JSON line of all figures.
 """
 
@@ -64,8 +71,8 @@ class Setting:
     label: str
     raw: dict
 
-    def cfg(self, rounds: int) -> config.ExperimentConfig:
-        return config.validate({**self.raw, "rounds": rounds})
+    def cfg(self, rounds: int, method: str | None = None) -> config.ExperimentConfig:
+        return config.validate({**self.raw, "rounds": rounds, **({"method": method} if method else {})})
 
 
 def settings(quick: bool) -> dict[str, tuple[Setting, int]]:
@@ -196,10 +203,15 @@ def run_runner(cfg: config.ExperimentConfig, out: Path, profile: bool) -> dict:
 
 
 class PlainLoop:
-    """The peers' arithmetic with no peers: models and data in lists, one loop."""
+    """The peers' arithmetic with no peers: models and data in lists, one loop.
 
-    def __init__(self, cfg: config.ExperimentConfig, seed: int = 0) -> None:
+    ``pulls=False``: a round only trains, validates, checkpoints and publishes (what a
+    ``local`` peer does), the baseline of the runner's floor.
+    """
+
+    def __init__(self, cfg: config.ExperimentConfig, seed: int = 0, pulls: bool = True) -> None:
         self.cfg = cfg
+        self.pulls = pulls
         part = hosting.build_partition(cfg)
         name = self.model_name = hosting.model_name(cfg, part)
         self.clients = part.clients
@@ -225,13 +237,14 @@ class PlainLoop:
 
     def peer_round(self, i: int) -> None:
         cfg, d, model, flat = self.cfg, self.clients[i], self.models[i], self.flats[i]
-        others = [p for p in range(cfg.peers) if p != i]
-        chosen = [int(x) for x in self.rng.choice(others, size=min(cfg.policy.n, len(others)), replace=False)]
-        for k in chosen:  # score
-            self.scorers[i].mean_loss_of(self.states[k])
-        n_i = int(d.train_y.shape[0])
-        weights = [n_i, *(int(self.clients[k].train_y.shape[0]) for k in chosen)]
-        flat.mix([flat.frame(), *(flat.frame_of(self.states[k]) for k in chosen)], weights)
+        if self.pulls:
+            others = [p for p in range(cfg.peers) if p != i]
+            chosen = [int(x) for x in self.rng.choice(others, size=min(cfg.policy.n, len(others)), replace=False)]
+            for k in chosen:  # score
+                self.scorers[i].mean_loss_of(self.states[k])
+            n_i = int(d.train_y.shape[0])
+            weights = [n_i, *(int(self.clients[k].train_y.shape[0]) for k in chosen)]
+            flat.mix([flat.frame(), *(flat.frame_of(self.states[k]) for k in chosen)], weights)
         t = cfg.train
         learning.train(model, d.train_x, d.train_y, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, generator=self.gens[i])
         val_loss, _ = learning.evaluate(model, d.val_x, d.val_y)
@@ -251,15 +264,12 @@ class PlainLoop:
 # ---------------------------------------------------------------------------- main
 
 
-def bench(setting: Setting, rounds: int, profile: bool, repeats: int) -> dict:
-    """``repeats`` runner runs, each between two baseline segments of half its peer-rounds
-    (B R B R ... B): each run's ratio is to the mean rate of the two segments around it,
-    the figure is the median of those ratios (a shared machine's speed drifts within a
-    minute; one run against one baseline would read that drift as a result)."""
-    cfg = setting.cfg(rounds)
-    torch.set_num_threads(1)
-    base = PlainLoop(cfg)
-    total = cfg.peers * rounds
+def interleaved(cfg: config.ExperimentConfig, base: PlainLoop, repeats: int, profile: bool) -> dict:
+    """``repeats`` runner runs of ``cfg``, each between two baseline segments of half its
+    peer-rounds (B R B R ... B): each run's ratio is to the mean rate of the two segments
+    around it, the figure is the median of those ratios (a shared machine's speed drifts
+    within a minute; one run against one baseline would read that drift as a result)."""
+    total = cfg.peers * cfg.rounds
     half = total // 2
     base.run(cfg.peers)  # warm-up: one pass, untimed (the runner warms up too)
     segments = [base.run(half)]
@@ -283,11 +293,42 @@ def bench(setting: Setting, rounds: int, profile: bool, repeats: int) -> dict:
         })
     # The run whose ratio is the (lower) median stands for the config; every run's ratio is kept.
     mid = sorted(range(repeats), key=lambda k: per_run[k]["ratio"])[(repeats - 1) // 2]
-    ratio = median([p["ratio"] for p in per_run])
-    cpu_ratio = median([p["cpu_ratio"] for p in per_run])
     shown, shown_base = runs[mid], per_run[mid]
     extra = shown["cpu_ms_per_round"] - shown_base["baseline_cpu_ms_per_round"]
     return {
+        "baseline_segments_per_s": [half / w for w, _ in segments],
+        **shown,
+        "baseline_rounds_per_s": shown_base["baseline_rounds_per_s"],
+        "baseline_ms_per_round": 1000.0 / shown_base["baseline_rounds_per_s"],
+        "baseline_cpu_ms_per_round": shown_base["baseline_cpu_ms_per_round"],
+        "runner_ms_per_round": 1000.0 / shown["rounds_per_s"],
+        "ratio": median([p["ratio"] for p in per_run]),
+        "cpu_ratio": median([p["cpu_ratio"] for p in per_run]),
+        # Where the runner's extra CPU per peer-round goes (the median run), and how much the
+        # 0.9 target allows: base / 0.9 - base.
+        "extra_cpu_ms_per_round": extra,
+        "compute_thread_extra_cpu_ms_per_round": extra - shown["main_thread_cpu_ms_per_round"],
+        "target_allows_cpu_ms_per_round": shown_base["baseline_cpu_ms_per_round"] * (1 / 0.9 - 1),
+        "ratios": [p["ratio"] for p in per_run],
+        "cpu_ratios": [p["cpu_ratio"] for p in per_run],
+        "runs": per_run,
+    }
+
+
+# The floor's own figures, kept beside the config's.
+FLOOR_KEYS = ("ratio", "ratios", "cpu_ratio", "rounds_per_s", "baseline_rounds_per_s", "baseline_cpu_ms_per_round",
+              "cpu_ms_per_round", "main_thread_cpu_ms_per_round", "extra_cpu_ms_per_round",
+              "compute_thread_extra_cpu_ms_per_round", "target_allows_cpu_ms_per_round", "peer_rounds")
+
+
+def bench(setting: Setting, rounds: int, profile: bool, repeats: int, floor: bool) -> dict:
+    """The config's runner against its plain loop; with ``floor``, then the same runner
+    with no pulls at all (``local``: train, validate, checkpoint, publish, log) against
+    the plain loop of that arithmetic: what the asyncio runner costs before any pull."""
+    cfg = setting.cfg(rounds)
+    torch.set_num_threads(1)
+    base = PlainLoop(cfg)
+    fig = {
         "config": setting.key,
         "label": setting.label,
         "model": base.model_name,
@@ -298,23 +339,13 @@ def bench(setting: Setting, rounds: int, profile: bool, repeats: int) -> dict:
         "n_val": cfg.data.n_val,
         "epochs": cfg.train.epochs,
         "repeats": repeats,
-        "baseline_segments_per_s": [half / w for w, _ in segments],
-        **shown,
-        "baseline_rounds_per_s": shown_base["baseline_rounds_per_s"],
-        "baseline_ms_per_round": 1000.0 / shown_base["baseline_rounds_per_s"],
-        "baseline_cpu_ms_per_round": shown_base["baseline_cpu_ms_per_round"],
-        "runner_ms_per_round": 1000.0 / shown["rounds_per_s"],
-        "ratio": ratio,
-        "cpu_ratio": cpu_ratio,
-        # Where the runner's extra CPU per peer-round goes (the median run), and how much the
-        # 0.9 target allows: base / 0.9 - base.
-        "extra_cpu_ms_per_round": extra,
-        "compute_thread_extra_cpu_ms_per_round": extra - shown["main_thread_cpu_ms_per_round"],
-        "target_allows_cpu_ms_per_round": shown_base["baseline_cpu_ms_per_round"] * (1 / 0.9 - 1),
-        "ratios": [p["ratio"] for p in per_run],
-        "cpu_ratios": [p["cpu_ratio"] for p in per_run],
-        "runs": per_run,
+        **interleaved(cfg, base, repeats, profile),
     }
+    if floor:
+        local = setting.cfg(rounds, method="local")
+        got = interleaved(local, PlainLoop(local, pulls=False), repeats, False)
+        fig["floor"] = {"method": "local", **{k: got[k] for k in FLOOR_KEYS}}
+    return fig
 
 
 def pin(cores: int) -> list[int] | None:
@@ -335,6 +366,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, help="runner runs per config, each between two baseline segments; "
                                                 "the ratio is their median (default 3; --quick: 1)")
     ap.add_argument("--profile", action="store_true", help="cProfile the runner's event loop and compute threads; print the top functions")
+    ap.add_argument("--no-floor", action="store_true",
+                    help="skip the floor: the same runner with no pulls (method local) against its plain loop")
     ap.add_argument("--cores", type=int, default=1,
                     help="pin this process to that many CPUs (default 1: the target is >= 0.9 on one core; 0: no pinning)")
     args = ap.parse_args()
@@ -345,7 +378,7 @@ def main() -> None:
     for key, (setting, rounds) in settings(args.quick).items():
         if args.only and key != args.only:
             continue
-        f = bench(setting, args.rounds or rounds, args.profile, args.repeats or (1 if args.quick else 3))
+        f = bench(setting, args.rounds or rounds, args.profile, args.repeats or (1 if args.quick else 3), not args.no_floor)
         prof = f.pop("profile", None)
         figures.append(f)
         print(f"[{key}] {setting.label} ({f['model']}): {f['peers']} peers x {f['rounds']} rounds, n={f['n']}, "
@@ -377,6 +410,14 @@ def main() -> None:
               f"the plain loop's {f['baseline_cpu_ms_per_round']:.2f} ({f['main_thread_cpu_ms_per_round']:.2f} on the event "
               f"loop, {f['compute_thread_extra_cpu_ms_per_round']:+.2f} in the compute thread); the target allows "
               f"{f['target_allows_cpu_ms_per_round']:.2f}")
+        fl = f.get("floor")
+        if fl:
+            print(f"{f['config']}: floor: the same runner with no pulls (method local) / its plain loop = {fl['ratio']:.3f} "
+                  f"({', '.join(f'{r:.3f}' for r in fl['ratios'])}); it spends {fl['extra_cpu_ms_per_round']:.2f} ms of CPU "
+                  f"per peer-round more ({fl['main_thread_cpu_ms_per_round']:.2f} on the event loop, "
+                  f"{fl['compute_thread_extra_cpu_ms_per_round']:+.2f} in the compute thread) of the "
+                  f"{fl['target_allows_cpu_ms_per_round']:.2f} that 0.9 allows; the pulls cost "
+                  f"{f['extra_cpu_ms_per_round'] - fl['extra_cpu_ms_per_round']:.2f} ms per peer-round on top")
     print(f"pinned to CPUs {pinned}" if pinned else "not pinned", f"; load average before/after: {load0} / {os.getloadavg()}")
     json_line("peers", {"quick": args.quick, "cpus_pinned": pinned, "load_avg_before": load0, "environment": environment(),
                               "configs": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in f.items()} for f in figures]})

@@ -34,6 +34,10 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ["wire", "transport", "stress", "peers", "processes", "reference", "learning", "fuzz", "sweep", "cluster"]
+# Options a benchmark runs with here. The flood: attackers are other machines, so the
+# flooders get a core of their own (on a 2-core machine they would otherwise take the
+# victim's), and the same flood against a peer beside the victim is its floor.
+OPTIONS: dict[str, list[str]] = {"fuzz": ["--apart", "--floor"]}
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,9 @@ def _transport(line: dict[str, Any]) -> Iterator[Row]:
             if "pull+v" in r:
                 yield Row(f"the same pull, its values checked on the event loop too, {size}",
                           r["pull+v"]["per_s"], "pulls/s", r["raw"]["per_s"], "raw pyzmq request/reply", r["pull+v_ratio"])
+            if "floor+" in r:
+                yield Row(f"the floor: a bare asyncio client that receives and decodes as a pull does (no Transport), {size}",
+                          r["floor+"]["per_s"], "pulls/s", r["raw"]["per_s"], "raw pyzmq request/reply", r["floor+_ratio"])
 
 
 def _stress(line: dict[str, Any]) -> Iterator[Row]:
@@ -111,6 +118,11 @@ def _peers(line: dict[str, Any]) -> Iterator[Row]:
         yield Row(f"{c['peers']} DAC peers as asyncio tasks, one core: {c.get('label', c['config'])}",
                   c["rounds_per_s"], "peer-rounds/s", c["baseline_rounds_per_s"], "the same arithmetic in a plain loop",
                   c["ratio"], Target(0.9))
+        fl = c.get("floor")
+        if fl:
+            yield Row(f"the floor: the same {c['peers']} peers pulling nothing (method local), {c.get('label', c['config'])}",
+                      fl["rounds_per_s"], "peer-rounds/s", fl["baseline_rounds_per_s"],
+                      "training, validation and snapshots in a plain loop", fl["ratio"])
 
 
 def _processes(line: dict[str, Any]) -> Iterator[Row]:
@@ -157,9 +169,15 @@ def _fuzz(line: dict[str, Any]) -> Iterator[Row]:
         else:
             yield Row(f"hostile messages a live, training peer reads ({n} flooding processes; the rest wait in "
                       "ZeroMQ's queues)", r["fuzz_msgs_per_s"], "messages/s", None, "", None)
-        yield Row(f"{variant}: an honest peer's pull latency p99 during the flood", r["p99_ms_flood"], "ms",
+        apart = ", flooders on a core of their own" if line.get("apart") else ""
+        yield Row(f"{variant}: an honest peer's pull latency p99 during the flood{apart}", r["p99_ms_flood"], "ms",
                   r["p99_ms_no_flood"], "p99 before the flood", r["p99_ratio_flood_vs_no_flood"],
                   Target(2.0, at_least=False))
+        fl = r.get("floor")
+        if fl:
+            yield Row(f"{variant}: the floor: the same p99 for a peer beside the flooded one (its process, not flooded)",
+                      fl["p99_ms_flood"], "ms", fl["p99_ms_no_flood"], "p99 before the flood",
+                      fl["p99_ratio_flood_vs_no_flood"])
         yield Row(f"{variant}: the flooded peer's training rounds during the flood", flood["rounds_per_s"],
                   "rounds/s", before["rounds_per_s"], "before the flood", r["rounds_ratio_flood_vs_no_flood"],
                   Target(0.5))
@@ -224,7 +242,7 @@ def machine() -> dict[str, Any]:
 
 def run_one(name: str, quick: bool, timeout_s: float, where: dict[str, Any]) -> dict[str, Any]:
     """Run ``bench_NAME.py``; its record (command, date, machine, load, seconds, JSON line or error)."""
-    args = ["--quick"] if quick else []
+    args = [*OPTIONS.get(name, []), *(["--quick"] if quick else [])]
     command = " ".join(["python", f"benchmarks/bench_{name}.py", *args])
     load = os.getloadavg()[0]
     t0 = time.monotonic()

@@ -91,12 +91,14 @@ def test_stress_benchmark_reports_each_part(run_quick):
     assert found["stress_vs_foundation_raw"] > 0 and found["stress_links_on_vs_foundation_raw"] > 0
 
 
-def test_peers_benchmark_runs_both_configs_without_failed_pulls(run_quick):
+def test_peers_benchmark_runs_both_configs_and_their_floor_without_failed_pulls(run_quick):
     line = run_quick("peers")
     assert [c["config"] for c in line["configs"]] == ["mlp", "cnn"]
     for c in line["configs"]:
         assert c["ratio"] > 0 and c["pulls_failed"] == 0 and c["peer_rounds"] > 0
         assert c["target_allows_cpu_ms_per_round"] > 0 and math.isfinite(c["extra_cpu_ms_per_round"])
+        floor = c["floor"]  # the same runner pulling nothing, against its own plain loop
+        assert floor["method"] == "local" and floor["ratio"] > 0 and floor["peer_rounds"] == c["peer_rounds"]
 
 
 def test_learning_benchmark_scores_mnist_with_the_background_step(run_quick):
@@ -125,10 +127,13 @@ def test_processes_benchmark_finishes_with_its_figures(run_quick):
 def test_fuzz_benchmark_floods_a_plain_and_a_curve_peer_from_two_processes(run_quick):
     line = run_quick("fuzz")
     assert line["flooders"] == 2 and set(line["variants"]) == {"plain", "curve"}
+    assert line["floor"] is True  # performance.py runs it with the neighbour's floor
     for r in line["variants"].values():
         assert r["crashes"] == 0 and r["rss_growth_mb"] < 50
         assert all(p["pulls_ok"] > 0 and p["pulls_failed"] == 0 for p in r["phases"].values())  # honest: always served
         assert r["phases"]["flood"]["rounds_per_s"] > 0  # the victim trains through the flood
+        floor = r["floor"]  # the same flood against the peer beside the one pulled
+        assert floor["crashes"] == 0 and floor["p99_ratio_flood_vs_no_flood"] > 0 and floor["fuzz_msgs_per_s"] > 0
     plain, curve = line["variants"]["plain"], line["variants"]["curve"]
     assert plain["flooder_sent"] > 10_000 and plain["refusals"]["shed"] > 0 and plain["refusals"]["garbage"] > 0
     # With CURVE nothing the flooders sent reached Python: only refused handshakes were counted.
