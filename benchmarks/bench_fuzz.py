@@ -157,24 +157,28 @@ def run_variant(variant: str, flooders: int, phase: float, target: int,
             await asyncio.sleep(max(0.0, start - time.time()))
             c = peers[target].transport.counters
             mark = lambda: (time.time(), c.msgs_in, sum(c.refusals.values()), c.refusals.get("shed", 0))  # noqa: E731
-            marks = {"before": mark()}
+            # Each phase is (start, end) marks. The collections before each RSS reading stall
+            # this process's event loop for a while; they fall between phases, in no phase.
+            marks = {"before": (mark(),)}
             await asyncio.sleep(phase)
+            marks["before"] += (mark(),)
             gc.collect()
             figures["rss0"] = rss_mb()
-            marks["flood"] = mark()
+            marks["flood"] = (mark(),)
             for f in floods:
                 f.go()
             figures["floods"] = [await loop.run_in_executor(None, f.result) for f in floods]
-            marks["after"] = mark()
+            marks["flood"] += (mark(),)
             gc.collect()
             figures["rss1"] = rss_mb()
+            marks["after"] = (mark(),)
             # Off the event loop: a flooder closes with a 10 s LINGER, and what it still has
             # queued goes out only while the victim reads. Joining it on this loop would stall
             # the victim (every peer of this process) until the linger ran out: no pull and no
             # round in the "after" phase.
             releasing = [loop.run_in_executor(None, f.release) for f in floods]
             await asyncio.sleep(max(0.0, start + 3 * phase - time.time()))
-            marks["end"] = mark()
+            marks["after"] += (mark(),)
             await asyncio.gather(*releasing)
             figures["marks"] = marks
             figures["honest"] = await loop.run_in_executor(None, lambda: out.get(timeout=60))
@@ -206,11 +210,12 @@ FLOOR_KEYS = ("p99_ms_no_flood", "p99_ms_flood", "p99_ratio_flood_vs_no_flood", 
 
 def summarise(variant: str, figures: dict[str, Any]) -> dict[str, Any]:
     marks = figures["marks"]
-    bounds = [marks["before"], marks["flood"], marks["after"], marks["end"]]
     per_phase = {}
-    for k, name in enumerate(("before", "flood", "after")):
-        (t0, m0, r0, s0), (t1, m1, r1, s1) = bounds[k], bounds[k + 1]
-        pulls = [x for x in figures["honest"] if t0 <= x[0] < t1]
+    for name in ("before", "flood", "after"):
+        (t0, m0, r0, s0), (t1, m1, r1, s1) = marks[name]
+        # A pull belongs to the phase it started and ended in: one that waited out the gap
+        # between two phases (a collection before reading the RSS) would time that gap.
+        pulls = [x for x in figures["honest"] if t0 <= x[0] and x[0] + x[1] < t1]
         lat = [x[1] * 1e3 for x in pulls if x[2]]
         per_phase[name] = {
             "seconds": t1 - t0, "pulls_ok": len(lat), "pulls_failed": sum(1 for x in pulls if not x[2]),
