@@ -314,7 +314,8 @@ def main() -> None:
     first = results[variants[0]]
     json_line("fuzz", {
         "env": environment(), "quick": args.quick, "phase_s": phase, "flooders": args.flooders,
-        "neighbour": args.neighbour, "apart": args.apart, "floor": args.floor, **{k: v for k, v in first.items() if k not in ("phases", "floor")},
+        "neighbour": args.neighbour, "apart": args.apart, "floor": args.floor,
+        **{k: v for k, v in first.items() if k not in ("phases", "floor")},
         "phases": first["phases"], "variants": results,
     })
 

@@ -91,8 +91,7 @@ class FlatModel:
         laid it out the same way (the common case, no copy), else a copy re-laid."""
         if msg.data is None or msg.layout is None:
             raise ValueError("the message carries no model")
-        if not msg.checked:  # a model's values are read only once checked
-            raise ValueError("the message's values are not checked yet (wire.check_values)")
+        msg.require_checked()
         same = msg.layout is self.layout or msg.layout is self._equal
         if not same and msg.layout.entries == self.layout.entries:
             same, self._equal = True, msg.layout  # the receiver's schema: the same layout again and again

@@ -180,8 +180,7 @@ class Scorer:
 
     def mean_loss_of(self, msg: Message) -> float:
         """:meth:`mean_loss` of the model a message carries (its values checked)."""
-        if not msg.checked:
-            raise ValueError("the message's values are not checked yet (wire.check_values)")
+        msg.require_checked()
         if self._flat is None:
             return self.mean_loss(msg.tensors)
         self._flat.load(self._flat.frame_of(msg))

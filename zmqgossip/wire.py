@@ -278,6 +278,12 @@ class Message:
                 self._tensors = dict(zip(self.layout.names, views_of(torch.from_numpy(self.data), self.layout)))
         return self._tensors
 
+    def require_checked(self) -> None:
+        """Raise ``ValueError`` while the values wait for :func:`check_values`: whatever
+        scores or mixes a model reads only checked values."""
+        if not self.checked:
+            raise ValueError("the message's values are not checked yet (wire.check_values)")
+
 
 def schema_of(state: Mapping[str, torch.Tensor]) -> Schema:
     """The receiver-side expectation for a model's tensors: name -> (dtype, shape)."""
